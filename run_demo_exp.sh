@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# VQT on all 19 VTAB-1k tasks with ViT-B/16 (ImageNet-1k supervised), Adam; Q and the sparsity
+# keep-fraction per task as in the paper's demo. Then: python collect_demo_exp_results.py
+# usage: bash run_demo_exp.sh GPUIDX
+#        bash run_demo_exp.sh --demo   # the built-in default: synthetic data, tiny ViT, CPU, minutes
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+if [ $# -ne 1 ]; then
+    echo "usage: bash run_demo_exp.sh GPUIDX | --demo" >&2
+    exit 2
+fi
+
+if [ "$1" = "--demo" ]; then
+    export MODEL_ROOT=demo_assets/pre-trained_weights DATA_PATH=demo_assets/vtab_data
+    export EXP_ROOT=${EXP_ROOT:-h2t_vit_experiments_demo}
+    export VQT_EXTRA_OPTS="DATA.CROPSIZE 64 SOLVER.TOTAL_EPOCH 100 SOLVER.WARMUP_EPOCH 10"
+    DEMO_TASKS=(vtab-eurosat vtab-svhn)
+    $PYTHON scripts/make_demo_assets.py --dest demo_assets --tasks "${DEMO_TASKS[@]}"
+    bash scripts/VQT/run_vqt_vtab.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny
+    bash scripts/VQT/run_vqt_vtab_sparsity.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny 0.7
+    bash scripts/VQT/run_vqt_vtab.sh 0 vtab-svhn 10 20 adam demo_vit_tiny
+    $PYTHON collect_demo_exp_results.py --root "$EXP_ROOT" --feature demo_vit_tiny --tasks "${DEMO_TASKS[@]}"
+    exit 0
+fi
+
+GPUIDX=$1
+OPTIMIZER=adam
+FEATURE=sup_vitb16_imagenet1k
+
+# Q = 1, frac = 0.7
+for row in \
+    "vtab-caltech101 102" \
+    "vtab-dtd 47" \
+    "vtab-oxford_flowers102 102" \
+    "vtab-oxford_iiit_pet 37" \
+    "vtab-cifar(num_classes=100) 100" \
+    "vtab-patch_camelyon 2" \
+    "vtab-resisc45 45" \
+    'vtab-diabetic_retinopathy(config="btgraham-300") 5' \
+    "vtab-eurosat 10" \
+    'vtab-clevr(task="count_all") 8' \
+    'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16) 16' \
+    "vtab-sun397 397"; do
+    read -r DATA_NAME NUM_CLASSES <<< "$row"
+    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE
+    bash scripts/VQT/run_vqt_vtab_sparsity.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE 0.7
+done
+
+# Q = 10, frac = 1.0
+for row in \
+    'vtab-smallnorb(predicted_attribute="label_elevation") 9' \
+    'vtab-clevr(task="closest_object_distance") 6'; do
+    read -r DATA_NAME NUM_CLASSES <<< "$row"
+    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 10 $OPTIMIZER $FEATURE
+done
+
+# Q = 20, frac = 1.0
+for row in \
+    "vtab-svhn 10" \
+    "vtab-dmlab 6" \
+    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16) 16' \
+    'vtab-smallnorb(predicted_attribute="label_azimuth") 18' \
+    'vtab-kitti(task="closest_vehicle_distance") 4'; do
+    read -r DATA_NAME NUM_CLASSES <<< "$row"
+    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 20 $OPTIMIZER $FEATURE
+done

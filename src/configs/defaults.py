@@ -1,0 +1,102 @@
+"""Default configuration (yacs). YAML files override these, then `KEY VALUE` pairs on the command line."""
+from __future__ import annotations
+
+import os
+
+from yacs.config import CfgNode
+
+from src.errors import VQTError
+
+_C = CfgNode()
+_C.DBG = False                      # log shapes and stop each epoch after 20 batches
+_C.OUTPUT_DIR = "./output"          # experiment root; the protocol adds _val/_final/_sparsefinal
+_C.RUN_N_TIMES = 5                  # kept for config compatibility with VPT (final seeds are fixed)
+_C.SEED = None                      # seed of a single run; the protocol sets it per run
+_C.DEVICE = "auto"                  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+_C.CUDNN_BENCHMARK = False
+_C.NUM_GPUS = 1
+_C.NUM_SHARDS = 1
+
+_C.MODEL = CfgNode()
+_C.MODEL.TRANSFER_TYPE = "h2t-prompt"  # only VQT ("h2t-prompt") is implemented
+_C.MODEL.TYPE = "h2t-vit"           # "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3)
+_C.MODEL.MODEL_ROOT = ""            # folder holding the pre-trained checkpoints (see MODEL_ZOO)
+_C.MODEL.WEIGHT_PATH = ""           # explicit checkpoint file; overrides MODEL_ROOT/MODEL_ZOO[FEATURE]
+_C.MODEL.SAVE_CKPT = False          # write last_model.pth (query tokens + head only)
+_C.MODEL.MLP_NUM = 0                # hidden layers in the head; only 0 (a linear head) is supported
+
+_C.MODEL.H2T = CfgNode()
+_C.MODEL.H2T.NUM_QUERY_TOKENS = 5   # Q, query tokens per layer (0: linear probe on CLS)
+_C.MODEL.H2T.DROPOUT = 0.0          # dropout on the query-token embeddings during training
+_C.MODEL.H2T.NORMALIZE_FEATS = True  # L2-normalise each feature block (CLS, each layer) before concat
+_C.MODEL.H2T.POOLING_FEATS = False  # mean over a layer's Q outputs instead of flattening them
+_C.MODEL.H2T.WEIGHTED_SUM_FEATS = False  # learned weighted sum over a layer's Q outputs
+_C.MODEL.H2T.LRP_COEF = 0.0001      # group-lasso coefficient (compress mode)
+_C.MODEL.H2T.KEEP_FRAC = 1.0        # fraction of head-input features kept (featselect mode)
+# The original leaves dropout(0.1) on the frozen ViT's patch+position embeddings active in
+# training. True reproduces that (no exact cache: the backbone runs every step); False makes the
+# frozen path deterministic so its keys/values are cached once (exact, much faster).
+_C.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN = False
+
+_C.SOLVER = CfgNode()
+_C.SOLVER.LOSS = "softmax"          # only softmax cross-entropy
+_C.SOLVER.OPTIMIZER = "sgd"         # "adam" (coupled L2 decay, as torch.optim.Adam) or "sgd"
+_C.SOLVER.MOMENTUM = 0.9            # SGD momentum
+_C.SOLVER.WEIGHT_DECAY = 0.0001     # L2 decay on all trainable tensors except the head bias
+_C.SOLVER.SCHEDULER = "cosine"      # per-epoch linear warm-up then cosine (epoch 0 has lr 0)
+_C.SOLVER.BASE_LR = 0.01
+_C.SOLVER.WARMUP_EPOCH = 5
+_C.SOLVER.TOTAL_EPOCH = 30
+_C.SOLVER.PATIENCE = 300            # kept for compatibility; never stops a 100-epoch run
+_C.SOLVER.LOG_EVERY_N = 1000        # log the training loss every N steps
+_C.SOLVER.DBG_TRAINABLE = False     # log the trainable tensors and their sizes
+
+_C.DATA = CfgNode()
+_C.DATA.NAME = ""                   # VTAB task, e.g. 'vtab-clevr(task="count_all")'
+_C.DATA.DATAPATH = ""               # TFDS data_dir (SOURCE tfds) or the VTAB-1k image-folder root
+_C.DATA.SOURCE = "tfds"             # "tfds" or "imagefolder" (NOAH-style vtab-1k folders)
+_C.DATA.FEATURE = "sup_vitb16_224"  # backbone key of MODEL_ZOO, e.g. sup_vitb16_imagenet21k
+_C.DATA.NUMBER_CLASSES = -1
+_C.DATA.CROPSIZE = 224
+_C.DATA.BATCH_SIZE = 32
+_C.DATA.NUM_WORKERS = 4             # threads decoding TFDS examples
+_C.DATA.PIN_MEMORY = True
+_C.DATA.MULTILABEL = False          # VTAB is single-label; True is rejected
+_C.DATA.CLASS_WEIGHTS_TYPE = "none"  # only "none" (unit class weights)
+
+# How the protocol runs (not in the original; none of these change a run's numbers in fp32).
+_C.ENGINE = CfgNode()
+_C.ENGINE.CACHE = "auto"            # "auto": cache the frozen path unless EMBED_DROPOUT_IN_TRAIN; "on"; "off"
+_C.ENGINE.CACHE_DTYPE = "float32"   # "float32" (exact), "bfloat16" or "float16" (half the memory)
+_C.ENGINE.CACHE_LOCATION = "auto"   # "auto" (device if it fits, else a disk memmap), "device", "cpu", "disk"
+_C.ENGINE.GRID = True               # train all configs of a phase at once on the shared cache
+_C.ENGINE.EVAL_BATCH_SIZE = 128     # images per frozen pass (cache build, test streaming)
+_C.ENGINE.TENSORBOARD = False       # write loss / lr / val top-1 scalars to <run>/tb
+
+
+def get_cfg() -> CfgNode:
+    """A fresh copy of the defaults."""
+    return _C.clone()
+
+
+def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
+    """Defaults, then `config_file`, then `KEY VALUE` pairs; errors name the bad key or file."""
+    cfg = get_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise VQTError(f"config file {config_file!r} does not exist (pass --config-file with a yaml under configs/)")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise VQTError(f"config file {config_file}: {e}") from None
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise VQTError(f"config overrides must be KEY VALUE pairs; got an odd list: {opts}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except KeyError:
+            raise VQTError(f"unknown config key {key!r}; see src/configs/defaults.py for the keys") from None
+        except (ValueError, AssertionError) as e:
+            raise VQTError(f"config override {key} {value}: {e} (floats need a dot, e.g. 1.0)") from None
+    return cfg

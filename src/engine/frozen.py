@@ -1,0 +1,110 @@
+"""Frozen-path outputs (final feature + per-layer keys/values) of an image set, either cached once
+or recomputed by the backbone for every batch (the reference path, and the only exact one when
+the embedding dropout is on during training)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from src.data.loader import ImageSet
+from src.data.preprocess import preprocess
+from src.errors import VQTError
+from src.models.vit import KV, VisionTransformer
+from src.utils.logging import get_logger
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _available_ram() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _split_kv(kv: torch.Tensor) -> list[KV]:
+    """(B, L, 2, H, T, hd) -> L pairs of (B, H, T, hd)."""
+    return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+
+
+@torch.no_grad()
+def frozen_batches(backbone: VisionTransformer, batches: Iterator[tuple[list[np.ndarray], np.ndarray]],
+                   size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, list[KV], np.ndarray]]:
+    """Stream uint8 image batches through the frozen backbone: (feature, keys/values, labels)."""
+    for images, labels in batches:
+        feat, kvs = backbone.frozen_pass(preprocess(images, size, device))
+        yield feat, kvs, labels
+
+
+class FrozenFeatures:
+    """Frozen-path outputs of `images`, indexed by row. `cache=True` runs the backbone once and keeps
+    the results (on the device, in RAM, or in a disk memmap); otherwise every `batch` call runs it."""
+
+    def __init__(self, backbone: VisionTransformer, images: ImageSet, size: int, device: torch.device, *,
+                 cache: bool, embed_dropout: float = 0.0, dtype: str = "float32", location: str = "auto",
+                 batch_size: int = 128, scratch_dir: str | None = None):
+        if dtype not in DTYPES:
+            raise VQTError(f"ENGINE.CACHE_DTYPE {dtype!r} is not one of {list(DTYPES)}")
+        self.backbone, self.images, self.size, self.device = backbone, images, size, device
+        self.embed_dropout = embed_dropout
+        self.labels = torch.as_tensor(images.labels, dtype=torch.long)
+        self.cached = cache
+        self._file = None
+        if cache:
+            self._build(DTYPES[dtype], location, batch_size, scratch_dir)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _storage(self, shape: tuple[int, ...], dtype: torch.dtype, location: str, scratch_dir: str | None):
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        if location == "auto":
+            if self.device.type == "cuda" and nbytes < 0.7 * torch.cuda.mem_get_info(self.device)[0]:
+                location = "device"
+            else:
+                location = "cpu" if nbytes < 0.5 * _available_ram() else "disk"
+        get_logger().info(f"frozen-path cache: {nbytes / 2**30:.2f} GiB of {dtype} on {location}")
+        if location in ("device", "cpu"):
+            return torch.empty(shape, dtype=dtype, device=self.device if location == "device" else "cpu")
+        if location != "disk":
+            raise VQTError(f"ENGINE.CACHE_LOCATION {location!r} is not one of auto, device, cpu, disk")
+        os.makedirs(scratch_dir or tempfile.gettempdir(), exist_ok=True)
+        fd, self._file = tempfile.mkstemp(prefix="vqt_cache_", suffix=".bin", dir=scratch_dir)
+        os.close(fd)
+        return torch.from_file(self._file, shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+
+    @torch.no_grad()
+    def _build(self, dtype: torch.dtype, location: str, batch_size: int, scratch_dir: str | None) -> None:
+        n, bb = len(self.images), self.backbone
+        d, heads = bb.embed_dim, bb.arch.num_heads
+        self.feat = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        self.kv = self._storage((n, bb.depth, 2, heads, bb.num_tokens, d // heads), dtype, location, scratch_dir)
+        batches = ((self.images.images[i:i + batch_size], None) for i in range(0, n, batch_size))
+        start = 0
+        for feat, kvs, _ in tqdm(frozen_batches(bb, batches, self.size, self.device), desc="frozen pass (cache)",
+                                 total=-(-n // batch_size), leave=False):
+            end = start + feat.shape[0]
+            self.feat[start:end] = feat
+            kv = torch.stack([torch.stack(pair, dim=1) for pair in kvs], dim=1)
+            self.kv[start:end] = kv.to(self.kv.device, dtype)
+            start = end
+
+    @torch.no_grad()
+    def batch(self, idx: torch.Tensor, train: bool) -> tuple[torch.Tensor, list[KV], torch.Tensor]:
+        """Rows `idx` -> (feature (B, D), per-layer keys/values, labels), all on the device, fp32."""
+        labels = self.labels[idx].to(self.device)
+        if self.cached:
+            kv = self.kv[idx.to(self.kv.device)].to(self.device, torch.float32, non_blocking=True)
+            return self.feat[idx.to(self.device)], _split_kv(kv), labels
+        x = preprocess([self.images.images[i] for i in idx.tolist()], self.size, self.device)
+        feat, kvs = self.backbone.frozen_pass(x, self.embed_dropout if train else 0.0)
+        return feat, kvs, labels
+
+    def close(self) -> None:
+        """Release the cache (and delete its disk file, if any)."""
+        self.kv = self.feat = None
+        if self._file and os.path.exists(self._file):
+            os.remove(self._file)
+        self._file = None

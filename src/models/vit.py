@@ -1,0 +1,132 @@
+"""Frozen Vision Transformer split into the two paths of VQT.
+
+`frozen_pass` runs the backbone on images and returns, per layer, the keys and values its own
+tokens attend over, plus the final feature. `query_pass` runs query tokens through every layer:
+at layer l they read layer l's keys/values (the original tokens only), so the backbone's own
+tokens never see them. Keys/values do not depend on the query tokens, which is what makes the
+frozen path cacheable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.configs.vit_configs import ViTArch
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, tokens, head_dim) each
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, n, hd = x.shape
+        return self.proj(x.transpose(1, 2).reshape(b, n, h * hd))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention of the backbone's tokens; also returns their keys and values."""
+        q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        return self._merge(F.scaled_dot_product_attention(q, k, v)), k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Tokens `x` (queries only) attend over given keys/values."""
+        d = x.shape[-1]
+        q = self._heads(F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]))
+        return self._merge(F.scaled_dot_product_attention(q, k, v))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (LayerNorm eps 1e-6, exact GELU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, k, v = self.attn(self.norm1(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x)), k, v
+
+    def query(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The block applied to query tokens `t` whose keys/values are the original tokens'."""
+        t = t + self.attn.attend(self.norm1(t), k, v)
+        return t + self.mlp(self.norm2(t))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone (timm parameter names). `arch.pool`: "token" = final-LN CLS token;
+    "avg" = `norm` applied to the mean of the patch tokens (MAE's fc_norm)."""
+
+    def __init__(self, arch: ViTArch, img_size: int = 224):
+        super().__init__()
+        if img_size % arch.patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {arch.patch_size}")
+        self.arch = arch
+        d = arch.embed_dim
+        self.patch_embed = PatchEmbed(arch.patch_size, d)
+        self.num_tokens = 1 + (img_size // arch.patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, arch.num_heads, arch.mlp_dim) for _ in range(arch.depth))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.arch.embed_dim
+
+    def frozen_pass(self, x: torch.Tensor, embed_dropout: float = 0.0) -> tuple[torch.Tensor, list[KV]]:
+        """Images (B, 3, H, W) -> (final feature (B, D), per-layer keys/values).
+
+        `embed_dropout` > 0 applies dropout to patch+position embeddings, as the original does
+        during training (then the pass is random and cannot be cached exactly)."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if embed_dropout > 0:
+            x = F.dropout(x, embed_dropout, training=True)
+        kvs = []
+        for blk in self.blocks:
+            x, k, v = blk(x)
+            kvs.append((k, v))
+        feat = self.norm(x)[:, 0] if self.arch.pool == "token" else self.norm(x[:, 1:].mean(dim=1))
+        return feat, kvs
+
+    def query_pass(self, tokens: torch.Tensor, kvs: list[KV]) -> list[torch.Tensor]:
+        """Query tokens (B, L, S, D) (S tokens per layer, fresh at every layer) -> L outputs (B, S, D).
+
+        Outputs are taken after each block, before the final LayerNorm."""
+        return [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(self.blocks, kvs))]

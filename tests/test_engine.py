@@ -1,0 +1,171 @@
+"""Engine: stacked optimizer vs torch.optim, schedule, cached vs uncached frozen path, grid training
+vs runs alone, divergence bookkeeping, metrics."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from src.configs.defaults import load_cfg
+from src.data.loader import ImageSet
+from src.engine.frozen import FrozenFeatures
+from src.engine.metrics import classification_metrics
+from src.engine.trainer import HEAD_B, HEAD_W, QUERY_KEY, Member, train_members
+from src.models.checkpoints import load_backbone, write_random_npz
+from src.models.vit import VisionTransformer
+from src.models.vqt import Members
+from src.solver.optim import StackedOptimizer
+from src.solver.schedule import lr_factor
+from src.utils.rundir import RunDir
+
+
+@pytest.fixture
+def backbone(tiny_arch, tmp_path):
+    path = str(tmp_path / "tiny.npz")
+    write_random_npz(path, tiny_arch, img_size=32, seed=3)
+    model = VisionTransformer(tiny_arch, img_size=32)
+    load_backbone(model, path, "npz")
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def images():
+    """60 images of varied sizes whose label (0..3) sets the colour of a noisy image."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 4
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]])
+    imgs = [np.clip(colours[y] + rng.normal(0, 40, size=(rng.integers(20, 48), rng.integers(20, 48), 3)), 0, 255)
+            .astype(np.uint8) for y in labels]
+    return ImageSet(images=imgs, labels=labels.astype(np.int64))
+
+
+def _cfg(**over):
+    opts = dict({"DATA.NAME": "vtab-eurosat", "DATA.NUMBER_CLASSES": 4, "DATA.BATCH_SIZE": 16, "DATA.CROPSIZE": 32,
+                 "SOLVER.TOTAL_EPOCH": 3, "SOLVER.WARMUP_EPOCH": 1, "SOLVER.OPTIMIZER": "adam",
+                 "MODEL.H2T.NUM_QUERY_TOKENS": 2, "MODEL.H2T.DROPOUT": 0.1, "ENGINE.EVAL_BATCH_SIZE": 32}, **over)
+    return load_cfg("", [str(x) for kv in opts.items() for x in kv])
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_stacked_optimizer_matches_torch(kind):
+    torch.manual_seed(0)
+    lrs, wds = [0.1, 0.03], [0.01, 0.0]
+    w = torch.randn(2, 3, 4, requires_grad=True)
+    b = torch.randn(2, 3, requires_grad=True)
+    ref = [(w[g].detach().clone().requires_grad_(), b[g].detach().clone().requires_grad_()) for g in range(2)]
+    cls = torch.optim.Adam if kind == "adam" else lambda groups: torch.optim.SGD(groups, momentum=0.9)
+    ref_opts = [cls([{"params": [rw], "lr": lrs[g], "weight_decay": wds[g]},
+                     {"params": [rb], "lr": lrs[g], "weight_decay": 0.0}]) for g, (rw, rb) in enumerate(ref)]
+    opt = StackedOptimizer([w, b], [True, False], kind)
+    for step in range(6):
+        factor = lr_factor(step, 2, 6)
+        x = torch.randn(5, 4)
+        opt.zero_grad()
+        sum(((x @ w[g].T + b[g]) ** 2).mean() for g in range(2)).backward()
+        opt.step(torch.tensor(lrs) * factor, torch.tensor(wds), torch.ones(2, dtype=torch.bool))
+        for g, ((rw, rb), ro) in enumerate(zip(ref, ref_opts)):
+            for group in ro.param_groups:
+                group["lr"] = lrs[g] * factor
+            ro.zero_grad()
+            ((x @ rw.T + rb) ** 2).mean().backward()
+            ro.step()
+    for g, (rw, rb) in enumerate(ref):
+        torch.testing.assert_close(w[g], rw, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(b[g], rb, atol=1e-6, rtol=1e-6)
+
+
+def test_schedule_is_per_epoch_warmup_cosine():
+    assert lr_factor(0, 10, 100) == 0.0
+    assert lr_factor(1, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(10, 10, 100) == 1.0
+    assert lr_factor(99, 10, 100) == pytest.approx(0.5 * (1 + np.cos(np.pi * 89 / 90)))
+
+
+def test_cached_and_uncached_paths_agree(backbone, images):
+    idx = torch.tensor([5, 17, 3, 40, 41, 0, 59])
+    outs = []
+    for cache in (True, False):
+        frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=cache, batch_size=16)
+        model = Members(2, backbone.depth, backbone.embed_dim, 8, 3, 4)
+        for g in range(2):
+            model.init_member(g, seed=7 + g)
+        feat, kvs, labels = frozen.batch(idx, train=True)
+        logits = model(backbone, feat, kvs)
+        torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, 2)).backward()
+        outs.append((logits.detach(), model.query_tokens.grad, model.head_weight.grad, model.head_bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
+    idx = torch.arange(0, 60, 7)
+    mem = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="cpu")
+    disk = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk",
+                          scratch_dir=str(tmp_path / "cache"))
+    (fa, ka, _), (fb, kb, _) = mem.batch(idx, False), disk.batch(idx, False)
+    assert torch.equal(fa, fb) and all(torch.equal(x, y) for p, q in zip(ka, kb) for x, y in zip(p, q))
+    disk.close()
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def _train(cfg, backbone, images, specs, root, cache=True):
+    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=cache)
+    members = [Member(RunDir(str(root / f"m{i}")), lr, wd, seed) for i, (lr, wd, seed) in enumerate(specs)]
+    train_members(cfg, backbone, frozen, members, torch.arange(40), torch.arange(40, 60), save_ckpt=True)
+    return [torch.load(m.run.file("last_model.pth"), weights_only=True)["model"] for m in members], \
+        [torch.load(m.run.file("eval_results.pth"), weights_only=True) for m in members]
+
+
+def test_grid_training_equals_runs_alone(backbone, images, tmp_path):
+    """Members trained together follow exactly the trajectory each would follow alone (dropout on)."""
+    cfg = _cfg()
+    specs = [(0.01, 0.0, 1), (0.05, 0.01, 1), (0.02, 0.001, 2)]
+    grid_ckpt, grid_res = _train(cfg, backbone, images, specs, tmp_path / "grid")
+    for i, spec in enumerate(specs):
+        (ckpt,), (res,) = _train(cfg, backbone, images, [spec], tmp_path / f"alone{i}")
+        for key in (QUERY_KEY, HEAD_W, HEAD_B):
+            torch.testing.assert_close(grid_ckpt[i][key], ckpt[key], atol=1e-5, rtol=1e-5)
+        assert res.keys() == grid_res[i].keys() == {"epoch_0", "epoch_1", "epoch_2"}
+        for e in res:
+            acc = res[e]["classification"]["val_vtab-eurosat"]["top1"]
+            assert acc == pytest.approx(grid_res[i][e]["classification"]["val_vtab-eurosat"]["top1"], abs=0.051)
+    # different seeds give different runs; same seed and hyper-parameters give the same run
+    assert not torch.allclose(grid_ckpt[0][HEAD_W], grid_ckpt[2][HEAD_W])
+
+
+def test_training_is_reproducible_and_learns(backbone, images, tmp_path):
+    cfg = _cfg(**{"SOLVER.TOTAL_EPOCH": 15, "SOLVER.WARMUP_EPOCH": 2, "MODEL.H2T.DROPOUT": 0.0})
+    a, res = _train(cfg, backbone, images, [(0.05, 0.0, 5)], tmp_path / "a")
+    b, _ = _train(cfg, backbone, images, [(0.05, 0.0, 5)], tmp_path / "b")
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    first = res[0]["epoch_0"]["classification"]["val_vtab-eurosat"]["top1"]
+    last = res[0]["epoch_14"]["classification"]["val_vtab-eurosat"]["top1"]
+    assert last > max(first, 0.4)
+
+
+def test_diverged_member_is_recorded_and_others_finish(backbone, images, tmp_path):
+    cfg = _cfg()
+    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True)
+    members = [Member(RunDir(str(tmp_path / "ok")), 0.01, 0.0, 1), Member(RunDir(str(tmp_path / "nan")), 1e38, 0.0, 1)]
+    train_members(cfg, backbone, frozen, members, torch.arange(40), torch.arange(40, 60))
+    ok, bad = (RunDir(str(tmp_path / n)).done for n in ("ok", "nan"))
+    assert ok["status"] == "ok" and ok["epochs"] == 3
+    assert bad["status"] == "diverged" and "loss is" in bad["message"]
+    assert "NaN loss" in (tmp_path / "nan" / "logs.txt").read_text()
+
+
+def test_metrics():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((50, 2)).astype(np.float32)
+    targets = rng.integers(0, 2, 50)
+    m = classification_metrics(logits, targets)
+    pairs = [(p, n) for p, n in itertools.product(np.flatnonzero(targets == 1), np.flatnonzero(targets == 0))]
+    auc1 = np.mean([(logits[p, 1] > logits[n, 1]) + 0.5 * (logits[p, 1] == logits[n, 1]) for p, n in pairs])
+    auc0 = np.mean([(logits[n, 0] > logits[p, 0]) + 0.5 * (logits[n, 0] == logits[p, 0]) for p, n in pairs])
+    assert m["top1"] == pytest.approx(np.mean(logits.argmax(1) == targets))
+    assert m["rocauc"] == pytest.approx((auc0 + auc1) / 2)
+    assert classification_metrics(logits, np.zeros(50, dtype=int))["rocauc"] == -1.0
+    m4 = classification_metrics(rng.standard_normal((30, 4)), rng.integers(0, 4, 30))
+    assert set(m4) == {"top1", "top4"} and m4["top4"] == 1.0

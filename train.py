@@ -1,0 +1,47 @@
+"""VQT on one VTAB-1k task: lr x wd search on val200, then 5 seeds on train800val200 (test at the
+last epoch); with --sparse-mode, one classifier-compression stage instead.
+
+    python train.py --config-file configs/h2t-prompt/vtab.yaml --optimizer adam KEY VALUE ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from src.configs.defaults import load_cfg
+from src.errors import VQTError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Visual Query Tuning", allow_abbrev=False)
+    p.add_argument("--config-file", default="", help="yaml config (e.g. configs/h2t-prompt/vtab.yaml)")
+    p.add_argument("--train-type", default="h2t-prompt", help="only h2t-prompt (VQT)")
+    p.add_argument("--optimizer", default=None, help="must equal SOLVER.OPTIMIZER when given (as the original)")
+    p.add_argument("--dont_search", "--dont-search", action="store_true", help="skip the lr x wd search")
+    p.add_argument("--arch_feats", "--arch-feats", default="",
+                   help="sup_vitl16_imagenet21k / sup_vith14_imagenet21k select the smaller Adam grid")
+    p.add_argument("--sparse-mode", "--h2t_sparse_mode", dest="sparse_mode", default="",
+                   choices=["", "compress", "featselect"], help="run one classifier-compression stage")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.train_type != "h2t-prompt":
+            raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
+        cfg = load_cfg(args.config_file, args.opts)
+        if args.optimizer is not None and args.optimizer != cfg.SOLVER.OPTIMIZER:
+            raise VQTError(f"--optimizer {args.optimizer} differs from SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER}")
+        cfg.freeze()
+        from src.engine.protocol import run_protocol
+        run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats)
+    except VQTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
