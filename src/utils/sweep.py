@@ -16,13 +16,14 @@ from src.errors import VQTError
 
 @dataclass(frozen=True)
 class DemoTask:
-    """One row of `run_demo_exp.sh`: DATA.NAME, class count, Q, sparsity keep fraction, VTAB group."""
+    """One row of `run_demo_exp.sh`: DATA.NAME, class count, Q, sparsity keep fraction, VTAB group, short label."""
 
     name: str
     classes: int
     q: int
     fraction: float | None
     group: str
+    short: str
 
 
 NATURAL, SPECIALIZED, STRUCTURED = "Natural", "Specialized", "Structured"
@@ -30,25 +31,27 @@ GROUPS = (NATURAL, SPECIALIZED, STRUCTURED)
 
 # The 19 tasks in run_demo_exp.sh order (spec §2.6).
 DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("vtab-caltech101", 102, 1, 0.7, NATURAL),
-    DemoTask("vtab-dtd", 47, 1, 0.7, NATURAL),
-    DemoTask("vtab-oxford_flowers102", 102, 1, 0.7, NATURAL),
-    DemoTask("vtab-oxford_iiit_pet", 37, 1, 0.7, NATURAL),
-    DemoTask("vtab-cifar(num_classes=100)", 100, 1, 0.7, NATURAL),
-    DemoTask("vtab-patch_camelyon", 2, 1, 0.7, SPECIALIZED),
-    DemoTask("vtab-resisc45", 45, 1, 0.7, SPECIALIZED),
-    DemoTask('vtab-diabetic_retinopathy(config="btgraham-300")', 5, 1, 0.7, SPECIALIZED),
-    DemoTask("vtab-eurosat", 10, 1, 0.7, SPECIALIZED),
-    DemoTask('vtab-clevr(task="count_all")', 8, 1, 0.7, STRUCTURED),
-    DemoTask('vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 16, 1, 0.7, STRUCTURED),
-    DemoTask("vtab-sun397", 397, 1, 0.7, NATURAL),
-    DemoTask('vtab-smallnorb(predicted_attribute="label_elevation")', 9, 10, None, STRUCTURED),
-    DemoTask('vtab-clevr(task="closest_object_distance")', 6, 10, None, STRUCTURED),
-    DemoTask("vtab-svhn", 10, 20, None, NATURAL),
-    DemoTask("vtab-dmlab", 6, 20, None, STRUCTURED),
-    DemoTask('vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)', 16, 20, None, STRUCTURED),
-    DemoTask('vtab-smallnorb(predicted_attribute="label_azimuth")', 18, 20, None, STRUCTURED),
-    DemoTask('vtab-kitti(task="closest_vehicle_distance")', 4, 20, None, STRUCTURED),
+    DemoTask("vtab-caltech101", 102, 1, 0.7, NATURAL, "caltech101"),
+    DemoTask("vtab-dtd", 47, 1, 0.7, NATURAL, "dtd"),
+    DemoTask("vtab-oxford_flowers102", 102, 1, 0.7, NATURAL, "flowers102"),
+    DemoTask("vtab-oxford_iiit_pet", 37, 1, 0.7, NATURAL, "pets"),
+    DemoTask("vtab-cifar(num_classes=100)", 100, 1, 0.7, NATURAL, "cifar100"),
+    DemoTask("vtab-patch_camelyon", 2, 1, 0.7, SPECIALIZED, "camelyon"),
+    DemoTask("vtab-resisc45", 45, 1, 0.7, SPECIALIZED, "resisc45"),
+    DemoTask('vtab-diabetic_retinopathy(config="btgraham-300")', 5, 1, 0.7, SPECIALIZED, "retinopathy"),
+    DemoTask("vtab-eurosat", 10, 1, 0.7, SPECIALIZED, "eurosat"),
+    DemoTask('vtab-clevr(task="count_all")', 8, 1, 0.7, STRUCTURED, "clevr-count"),
+    DemoTask('vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 16, 1, 0.7, STRUCTURED,
+             "dsprites-ori"),
+    DemoTask("vtab-sun397", 397, 1, 0.7, NATURAL, "sun397"),
+    DemoTask('vtab-smallnorb(predicted_attribute="label_elevation")', 9, 10, None, STRUCTURED, "smallnorb-ele"),
+    DemoTask('vtab-clevr(task="closest_object_distance")', 6, 10, None, STRUCTURED, "clevr-dist"),
+    DemoTask("vtab-svhn", 10, 20, None, NATURAL, "svhn"),
+    DemoTask("vtab-dmlab", 6, 20, None, STRUCTURED, "dmlab"),
+    DemoTask('vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)', 16, 20, None, STRUCTURED,
+             "dsprites-loc"),
+    DemoTask('vtab-smallnorb(predicted_attribute="label_azimuth")', 18, 20, None, STRUCTURED, "smallnorb-azi"),
+    DemoTask('vtab-kitti(task="closest_vehicle_distance")', 4, 20, None, STRUCTURED, "kitti"),
 )
 TASKS_BY_NAME: dict[str, DemoTask] = {t.name: t for t in DEMO_TASKS}
 
@@ -226,7 +229,7 @@ class _Sweep:
                         del self.running[i]
                         try:
                             self._finish(i, sjob.result(), bar)
-                        except Exception as err:  # submitit wraps a dead job in various exception types
+                        except Exception as err:  # noqa: BLE001 - submitit wraps a dead job in various exception types
                             self._finish(i, _job_failure(self.jobs[i].task.name, sjob, err), bar)
                 if self.running:
                     time.sleep(poll_s)
@@ -239,7 +242,7 @@ class _Sweep:
             self.executor.update_parameters(gpus_per_node=len(slot), visible_gpus=slot)
         try:
             self.running[i] = (self.executor.submit(run_task, self.jobs[i]), slot)
-        except Exception as err:  # e.g. sbatch rejecting the job: report it, go on with the others
+        except Exception as err:  # noqa: BLE001 - e.g. sbatch rejecting the job: report it, go on with the others
             failure = TaskResult(self.jobs[i].task.name, False, None, f"submission failed: {_headline(err)}")
             self._finish(i, failure, bar)
 

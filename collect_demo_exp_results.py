@@ -1,0 +1,346 @@
+"""Collect the run_demo_exp.sh results: test top-1 (%) per VTAB-1k task, mean ± std over seeds.
+
+With no arguments it prints the original table (settings VQTSup_1_adam_sparsefinal (keep_frac_0.7),
+VQTSup_10_adam_final, VQTSup_20_adam_final; feature sup_vitb16_imagenet1k) with these fixes: the
+lr/wd folder is the one holding complete runs (said so when several do), the last epoch present
+is read (not epoch_99), only runs whose DONE status is "ok" count, and missing, incomplete,
+diverged and unreadable runs are listed at the end. It also writes results.csv, results.md and
+results.png to --out. The exit status is 0 even when runs are missing (this is a report).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src.errors import VQTError
+from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
+
+
+def demo_setting(task: DemoTask, optimizer: str = "adam") -> str:
+    """The setting run_demo_exp.sh reports a task from: the sparsity runs when it has a keep fraction."""
+    return f"VQTSup_{task.q}_{optimizer}_{'sparsefinal' if task.fraction is not None else 'final'}"
+
+
+# task -> setting its number comes from (Q=1 tasks: sparsefinal keep_frac_0.7; Q=10/20: final).
+TASK_SETTINGS: dict[str, str] = {t.name: demo_setting(t) for t in DEMO_TASKS}
+DEFAULT_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(TASK_SETTINGS.values()))
+# The original script's print order.
+PRINT_ORDER: tuple[str, ...] = (
+    "vtab-caltech101", "vtab-dtd", "vtab-cifar(num_classes=100)", "vtab-oxford_flowers102", "vtab-oxford_iiit_pet",
+    "vtab-svhn", "vtab-patch_camelyon", "vtab-resisc45", "vtab-eurosat",
+    'vtab-diabetic_retinopathy(config="btgraham-300")', "vtab-dmlab", 'vtab-clevr(task="closest_object_distance")',
+    'vtab-clevr(task="count_all")', 'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)',
+    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)',
+    'vtab-smallnorb(predicted_attribute="label_azimuth")', 'vtab-smallnorb(predicted_attribute="label_elevation")',
+    'vtab-kitti(task="closest_vehicle_distance")', "vtab-sun397",
+)
+DEFAULT_RUNS = 5
+
+
+@dataclass
+class Run:
+    """One seed's run folder: status is ok | missing | incomplete | diverged | unreadable."""
+
+    k: int
+    status: str
+    top1: float | None = None  # test top-1 in %
+    epochs: int | None = None
+    detail: str = ""
+
+
+@dataclass
+class Cell:
+    """The runs of one (setting, task): the chosen lr/wd folder and a note when the choice was ambiguous."""
+
+    setting: str
+    task: DemoTask
+    task_dir: Path
+    hyparam: str | None = None
+    runs: list[Run] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def values(self) -> list[float]:
+        return [r.top1 for r in self.runs if r.status == "ok"]
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.values)) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Population std (numpy's default) over the seeds that count."""
+        return float(np.std(self.values)) if self.values else None
+
+    @property
+    def epochs(self) -> str:
+        """Epoch count(s) of the counted runs, e.g. "100" or "50/100" when they differ."""
+        return "/".join(str(e) for e in sorted({r.epochs for r in self.runs if r.status == "ok"}))
+
+
+def run_subdir(setting: str, task: DemoTask) -> str | None:
+    """Folder between the lr/wd folder and run{k}: keep_frac_F for sparsity settings (None if the task has
+    no keep fraction), nothing otherwise."""
+    if setting.endswith("_sparsefinal"):
+        return None if task.fraction is None else f"keep_frac_{task.fraction}"
+    return ""
+
+
+def done_status(run_dir: Path) -> dict | None:
+    """The DONE record of a run folder, None when absent (interrupted) or unreadable."""
+    try:
+        return json.loads((run_dir / "DONE").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_run(run_dir: Path, k: int, name: str) -> Run:
+    """Status and, for an ok run, the test top-1 (%) of the last epoch in eval_results.pth."""
+    if not run_dir.is_dir():
+        return Run(k, "missing")
+    done = done_status(run_dir)
+    if done is None:
+        return Run(k, "incomplete", detail="no DONE: interrupted or still running")
+    if done.get("status") != "ok":
+        return Run(k, "diverged" if done.get("status") == "diverged" else "unreadable",
+                   detail=str(done.get("message") or f"DONE status {done.get('status')!r}"))
+    path = run_dir / "eval_results.pth"
+    try:
+        results = torch.load(path, weights_only=True)
+        last = max(int(key.split("_", 1)[1]) for key in results if key.startswith("epoch_"))
+        top1 = results[f"epoch_{last}"]["classification"][f"test_{name}"]["top1"]
+    except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
+        return Run(k, "unreadable", detail=f"{path.name}: {type(err).__name__}: {err}")
+    return Run(k, "ok", float(top1) * 100, last + 1)
+
+
+def _count_ok(hp_dir: Path, sub: str, n_runs: int) -> tuple[int, int]:
+    """(runs with DONE status ok, run folders present) in one lr/wd folder."""
+    dirs = [hp_dir / sub / f"run{k}" for k in range(1, n_runs + 1)]
+    return (sum((done_status(d) or {}).get("status") == "ok" for d in dirs), sum(d.is_dir() for d in dirs))
+
+
+def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs: int) -> Cell | None:
+    """Read one (setting, task); None when its folder does not exist (or the setting does not apply)."""
+    task_dir = root / setting / task.name / feature
+    sub = run_subdir(setting, task)
+    if sub is None or not task_dir.is_dir():
+        return None
+    cell = Cell(setting, task, task_dir)
+    counts = {d.name: _count_ok(d, sub, n_runs) for d in sorted(task_dir.iterdir()) if d.is_dir()}
+    if not counts:
+        return cell
+    cell.hyparam = max(counts, key=counts.__getitem__)  # most ok runs, then most run folders, then name order
+    holding = [h for h in counts if counts[h][0]]
+    if len(holding) > 1:
+        cell.note = (f"several lr/wd folders hold complete runs: "
+                     f"{', '.join(f'{h} ({counts[h][0]} ok)' for h in holding)}; using {cell.hyparam}")
+    cell.runs = [read_run(task_dir / cell.hyparam / sub / f"run{k}", k, task.name) for k in range(1, n_runs + 1)]
+    return cell
+
+
+@dataclass
+class Report:
+    """All cells read, the cell each task's number comes from, and the problems found."""
+
+    cells: dict[tuple[str, str], Cell]
+    reported: dict[str, Cell | None]  # task name -> cell (None: no results at all)
+    problems: list[str]
+
+
+def collect(root: Path, feature: str, settings: list[str], tasks: list[DemoTask], n_runs: int = DEFAULT_RUNS
+            ) -> Report:
+    """Read every (setting, task); each task is reported from TASK_SETTINGS[task] when that setting is
+    among `settings`, else from the first listed setting holding complete runs for it."""
+    if not root.is_dir():
+        raise VQTError(f"experiment root {root} does not exist: run run_demo_exp.sh first, or pass --root")
+    cells = {(s, t.name): c for s in settings for t in tasks
+             if (c := collect_cell(root, s, t, feature, n_runs)) is not None}
+    reported: dict[str, Cell | None] = {}
+    problems = []
+    for t in tasks:
+        mapped = TASK_SETTINGS[t.name]
+        if mapped in settings:
+            reported[t.name] = cells.get((mapped, t.name))
+            if reported[t.name] is None:
+                problems.append(f"missing     {mapped} / {t.name}: no {feature} folder (not run yet?)")
+        else:
+            reported[t.name] = next((c for s in settings if (c := cells.get((s, t.name))) and c.values), None)
+            if reported[t.name] is None:
+                problems.append(f"missing     {t.name}: no complete runs under any of {settings}")
+    for (setting, name), cell in cells.items():
+        where = f"{setting} / {name} / {cell.hyparam or '(no lr/wd folder)'}"
+        for status in ("missing", "incomplete", "diverged", "unreadable"):
+            bad = [r for r in cell.runs if r.status == status]
+            if bad:
+                runs = ", ".join(f"run{r.k}" + (f" ({r.detail})" if r.detail else "") for r in bad)
+                problems.append(f"{status:<11} {where}: {runs}")
+        if not cell.runs:
+            problems.append(f"missing     {where}: no lr/wd folder in {cell.task_dir}")
+    return Report(cells, reported, problems)
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def print_table(report: Report, settings: list[str], tasks: list[DemoTask], feature: str) -> None:
+    """The original stdout table, plus std, epoch counts, group means and the problem list."""
+    names = [n for n in PRINT_ORDER if n in {t.name for t in tasks}]
+    for setting in settings:
+        print(f"====== {setting} ======")
+        for name in names:
+            cell = report.cells.get((setting, name))
+            if cell is None:
+                continue
+            print(f"--- {name} - {feature} - {cell.hyparam}")
+            if cell.note:
+                print(f"note: {cell.note}")
+            print(f"=====> {len(cell.values)}")
+            print(f"{_pm(cell.mean, cell.std)}" + (f"  (epochs: {cell.epochs})" if cell.values else ""))
+        print()
+    print("====== group means (test top-1 %, each task from its demo setting) ======")
+    for label, mean, counts in group_means(report, tasks):
+        print(f"{label}: {'n/a' if mean is None else f'{mean:.2f}'}  ({counts})")
+    print()
+    print("====== problems ======" if report.problems else "====== no missing, incomplete or diverged runs ======")
+    for line in report.problems:
+        print(line)
+
+
+def table_order(tasks: list[DemoTask]) -> list[DemoTask]:
+    """Tasks by group (Natural, Specialized, Structured), then in the original print order."""
+    return sorted(tasks, key=lambda t: (GROUPS.index(t.group), PRINT_ORDER.index(t.name)))
+
+
+def group_means(report: Report, tasks: list[DemoTask]) -> list[tuple[str, float | None, str]]:
+    """(label, mean, "k/n tasks|groups" with results) per group, over all tasks, and over the group means."""
+    def mean_of(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    rows = []
+    for group in GROUPS:
+        members = [t for t in tasks if t.group == group]
+        means = [c.mean for t in members if (c := report.reported[t.name]) and c.mean is not None]
+        if members:
+            rows.append((group, mean_of(means), f"{len(means)}/{len(members)} tasks"))
+    group_values = [mean for _, mean, _ in rows if mean is not None]
+    task_means = [c.mean for c in report.reported.values() if c and c.mean is not None]
+    return [*rows, ("All (mean over tasks)", mean_of(task_means), f"{len(task_means)}/{len(tasks)} tasks"),
+            ("All (mean of group means)", mean_of(group_values), f"{len(group_values)}/{len(rows)} groups")]
+
+
+def _setting_label(cell: Cell) -> str:
+    sub = run_subdir(cell.setting, cell.task)
+    return f"{cell.setting}/{sub}" if sub else cell.setting
+
+
+def write_csv(report: Report, tasks: list[DemoTask], path: Path, n_runs: int) -> None:
+    """One row per task: task, group, setting, lr/wd folder, epochs, n_runs, mean, std, run1..runN (%)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "group", "setting", "hyparam", "epochs", "n_runs", "mean", "std",
+                    *(f"run{k}" for k in range(1, n_runs + 1))])
+        for t in table_order(tasks):
+            c = report.reported[t.name]
+            if c is None:
+                w.writerow([t.name, t.group, "", "", "", 0, "", "", *[""] * n_runs])
+                continue
+            per_seed = {r.k: f"{r.top1:.4f}" for r in c.runs if r.status == "ok"}
+            stats = [f"{c.mean:.4f}", f"{c.std:.4f}"] if c.values else ["", ""]
+            w.writerow([t.name, t.group, _setting_label(c), c.hyparam or "", c.epochs, len(c.values), *stats,
+                        *(per_seed.get(k, "") for k in range(1, n_runs + 1))])
+
+
+def write_markdown(report: Report, tasks: list[DemoTask], path: Path, root: Path, feature: str, n_runs: int) -> None:
+    """Per-task mean ± std table, then the group and overall means."""
+    lines = ["# VQT on VTAB-1k", "",
+             (f"Root `{root}`, feature `{feature}`. Test top-1 (%) at the last epoch, mean ± std (population) "
+              f"over the seeds whose DONE status is ok (of {n_runs})."), "",
+             "| Task | Group | Setting | Runs | Epochs | Top-1 (%) |", "|---|---|---|---|---|---|"]
+    for t in table_order(tasks):
+        c = report.reported[t.name]
+        lines.append(f"| `{t.name}` | {t.group} | {_setting_label(c) if c else '–'} | "
+                     f"{len(c.values) if c else 0}/{n_runs} | {c.epochs if c else ''} | "
+                     f"{_pm(c.mean, c.std) if c else 'n/a'} |")
+    lines += ["", "| Group | Mean top-1 (%) | With results |", "|---|---|---|"]
+    for label, mean, counts in group_means(report, tasks):
+        lines.append(f"| {label} | {'n/a' if mean is None else f'{mean:.2f}'} | {counts} |")
+    if report.problems:
+        lines += ["", "Problems:", "", *(f"- {p}" for p in report.problems)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(report: Report, tasks: list[DemoTask], path: Path, feature: str) -> None:
+    """Bar chart of the per-task means with std error bars, colored by group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = table_order(tasks)
+    colors = dict(zip(GROUPS, ("tab:green", "tab:orange", "tab:blue"), strict=True))
+    cells = [report.reported[t.name] for t in ordered]
+    means = [c.mean if c and c.values else 0.0 for c in cells]
+    stds = [c.std if c and c.values else np.nan for c in cells]  # no error bar where there is no result
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(ordered) + 2), 5))
+    x = np.arange(len(ordered))
+    ax.bar(x, means, yerr=stds, capsize=3, color=[colors[t.group] for t in ordered])
+    for i, c in enumerate(cells):
+        if not (c and c.values):
+            ax.text(i, 1, "n/a", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [t.short for t in ordered], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"VQT on VTAB-1k ({feature}): mean ± std over seeds")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in GROUPS if any(t.group == g for t in ordered)]
+    ax.legend(handles, [g for g in GROUPS if any(t.group == g for t in ordered)], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (all optional: no arguments reproduces the original script)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="h2t_vit_experiments", help="experiment root")
+    p.add_argument("--feature", default="sup_vitb16_imagenet1k", help="DATA.FEATURE folder to read")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
+                   help="setting folders to print, e.g. VQTSup_1_adam_final")
+    p.add_argument("--tasks", nargs="+", metavar="NAME", help="subset of DATA.NAMEs (default: all 19)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="seeds expected per setting (run1..runN)")
+    p.add_argument("--out", help="folder for results.csv/.md/.png (default: ROOT/results)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table and write the result files; 0 even when runs are missing, 1 on bad input."""
+    args = parse_args(argv)
+    root = Path(args.root)
+    try:
+        if args.runs < 1:
+            raise VQTError(f"--runs must be >= 1, got {args.runs}")
+        tasks = select_tasks(args.tasks)
+        report = collect(root, args.feature, args.settings, tasks, args.runs)
+        out = Path(args.out) if args.out else root / "results"
+        out.mkdir(parents=True, exist_ok=True)
+    except (VQTError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print_table(report, args.settings, tasks, args.feature)
+    write_csv(report, tasks, out / "results.csv", args.runs)
+    write_markdown(report, tasks, out / "results.md", root, args.feature, args.runs)
+    write_plot(report, tasks, out / "results.png", args.feature)
+    print(f"\nwrote {out / 'results.csv'}, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
