@@ -10,10 +10,11 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from src.errors import VQTError  # noqa: E402
-from src.utils.sweep import (  # noqa: E402
+from src.errors import VQTError
+from src.utils.sweep import (
     SPARSITY_TEMPLATE,
     TRAIN_TEMPLATE,
     TaskJob,
@@ -58,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     """Launch, wait, print a per-task report; exit status 1 if any task failed."""
     args = parse_args(argv)
     try:
-        jobs = [TaskJob(t, args.feature, args.optimizer, str(Path.cwd()), args.command_template,
+        if Path.cwd().resolve() != REPO:  # jobs import src/ and run scripts/VQT/*.sh relative to the cwd
+            raise VQTError(f"run this from the repository root: cd {REPO}")
+        jobs = [TaskJob(t, args.feature, args.optimizer, str(REPO), args.command_template,
                         args.sparsity_template) for t in select_tasks(args.tasks)]
-        for job in jobs:  # fail on a bad template before anything is submitted
-            commands = task_commands(job, "GPUIDX")
-            if args.dry_run:
-                print("\n".join(shlex.join(c) for c in commands))
         if args.dry_run:
+            print("\n".join(shlex.join(c) for job in jobs for c in task_commands(job, "GPUIDX")))
             return 0
         results = launch(jobs, args.cluster, args.log_dir, partition=args.partition,
                          gpus_per_job=args.gpus_per_job, timeout_min=args.timeout_min,

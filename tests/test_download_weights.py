@@ -79,7 +79,7 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_corrupted_file_is_detected_and_force_repairs(server, tmp_path):
     ("mae_vitb16", HTML, "HTML page"),
     ("sup_vitb16_imagenet21k", b"PK\x03\x04 not really a zip" * 10, "not a readable .npz"),
     ("mae_vitb16", b"just some text, not a torch file\n" * 10, "neither a zip nor a pickle"),
-])
+], ids=["html-npz", "html-pth", "broken-zip", "text-pth"])
 def test_non_checkpoint_is_rejected(server, tmp_path, feature, body, reason):
     server.files[NAMES[feature]] = body
     with pytest.raises(VQTError, match=f"{reason}.*download {NAMES[feature]} manually from {server.url}"):

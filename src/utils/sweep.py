@@ -175,6 +175,8 @@ def launch(jobs: Sequence[TaskJob], cluster: str, log_dir: str | Path, *, partit
         raise VQTError(f"--gpus-per-job must be >= 0, got {gpus_per_job}")
     if max_parallel is not None and max_parallel < 1:
         raise VQTError(f"--max-parallel must be >= 1, got {max_parallel}")
+    for job in jobs:  # a bad template fails here, before anything is submitted
+        task_commands(job, "0")
     folder = Path(log_dir) / "%j"
     slots: list[list[int] | None]
     if cluster == "slurm":
