@@ -93,10 +93,13 @@ def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
     if len(opts) % 2:
         raise VQTError(f"config overrides must be KEY VALUE pairs; got an odd list: {opts}")
     for key, value in zip(opts[0::2], opts[1::2]):
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise VQTError(f"unknown config key {key!r}; see src/configs/defaults.py for the keys")
+            node = node[part]
         try:
             cfg.merge_from_list([key, value])
-        except KeyError:
-            raise VQTError(f"unknown config key {key!r}; see src/configs/defaults.py for the keys") from None
         except (ValueError, AssertionError) as e:
             raise VQTError(f"config override {key} {value}: {e} (floats need a dot, e.g. 1.0)") from None
     return cfg

@@ -1,0 +1,167 @@
+"""The whole protocol through train.py on a genuine on-disk TFDS task and a random checkpoint in the
+real .npz layout: search, best pick, finals with test, redo of interrupted runs, compress and
+featselect, and the errors a user meets."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+import train
+from src.configs.vit_configs import VIT_DEMO
+from src.data.synthetic import write_fake_tfds
+from src.engine.protocol import FINAL_SEEDS
+from src.engine.trainer import HEAD_W, QUERY_KEY
+from src.models.checkpoints import write_random_npz
+from src.models.vqt import feature_dim
+from src.utils.sweep import DEMO_TASKS
+
+NAME = "vtab-eurosat"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    write_fake_tfds(NAME, str(root / "data"), learnable=True)
+    write_random_npz(str(root / "demo.npz"), VIT_DEMO, img_size=32)
+    return root
+
+
+def _args(assets, out, *flags, over=()):
+    opts = {"MODEL.H2T.NUM_QUERY_TOKENS": 2, "MODEL.H2T.DROPOUT": 0.1, "DATA.FEATURE": "demo_vit_tiny",
+            "DATA.NAME": NAME, "DATA.NUMBER_CLASSES": 10, "DATA.DATAPATH": assets / "data",
+            "MODEL.WEIGHT_PATH": assets / "demo.npz", "OUTPUT_DIR": out, "SOLVER.OPTIMIZER": "adam",
+            "DATA.CROPSIZE": 32, "SOLVER.TOTAL_EPOCH": 3, "SOLVER.WARMUP_EPOCH": 1, "DATA.BATCH_SIZE": 128}
+    return ["--config-file", os.path.join(ROOT, "configs/h2t-prompt/vtab.yaml"), *flags,
+            *[str(x) for kv in opts.items() for x in kv], *over]
+
+
+def _runs(out, suffix):
+    base = os.path.join(f"{out}{suffix}", NAME, "demo_vit_tiny")
+    return sorted(os.path.relpath(os.path.join(d), base) for d, _, files in os.walk(base) if "DONE" in files)
+
+
+def _results(path):
+    return torch.load(os.path.join(path, "eval_results.pth"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exp") / "VQTSup_2_adam")
+    assert train.main(_args(assets, out, "--optimizer", "adam")) == 0
+    return out
+
+
+def test_search_then_finals(finished):
+    search = _runs(finished, "_val")
+    assert len(search) == 20
+    assert {s.split("/")[0] for s in search} == {f"lr{lr}_wd{wd}_bs128" for lr in (0.5, 0.25, 0.125, 0.05, 0.025)
+                                                 for wd in (0.01, 0.001, 0.0001, 0.0)}
+    base = os.path.join(f"{finished}_val", NAME, "demo_vit_tiny")
+    scores = {}
+    for s in search:
+        lr, wd = map(float, re.match(r"lr(.+)_wd(.+)_bs128", s.split("/")[0]).groups())
+        res = _results(os.path.join(base, s))
+        assert set(res) == {"epoch_0", "epoch_1", "epoch_2"}
+        assert "test_" + NAME not in res["epoch_2"]["classification"]
+        scores[(lr, wd)] = res["epoch_2"]["classification"]["val_" + NAME]["top1"]
+    top = max(scores.values())
+    best_lr = min(lr for (lr, _), v in scores.items() if v == top)
+    finals = _runs(finished, "_final")
+    assert [f.split("/")[1] for f in finals] == [f"run{k}" for k in range(1, 6)]
+    assert len({f.split("/")[0] for f in finals}) == 1 and finals[0].startswith(f"lr{best_lr}_wd")
+    run = os.path.join(f"{finished}_final", NAME, "demo_vit_tiny", finals[0])
+    res = _results(run)
+    last = res["epoch_2"]["classification"]
+    assert set(last) == {"val_" + NAME, "test_" + NAME} and set(last["test_" + NAME]) == {"top1", "top5"}
+    assert all("test_" + NAME not in res[e]["classification"] for e in ("epoch_0", "epoch_1"))
+    ckpt = torch.load(os.path.join(run, "last_model.pth"), weights_only=True)["model"]
+    assert ckpt[QUERY_KEY].shape == (4, 2, 64) and ckpt[HEAD_W].shape == (10, 64 + 4 * 2 * 64)
+    logits = torch.load(os.path.join(run, f"test_{NAME}_logits.pth"), weights_only=True)
+    assert logits["joint_logits"].shape[0] == len(logits["targets"]) > 0
+    assert "SEED: 42" in open(os.path.join(run, "config.yaml")).read()
+    assert "Classification results with test_" in open(os.path.join(run, "logs.txt")).read()
+
+
+def test_interrupted_run_is_redone_and_done_runs_are_kept(assets, finished):
+    final = os.path.join(f"{finished}_final", NAME, "demo_vit_tiny")
+    runs = sorted(os.path.join(final, r) for r in _runs(finished, "_final"))
+    stamps = {r: os.path.getmtime(os.path.join(r, "eval_results.pth")) for r in runs}
+    os.remove(os.path.join(runs[2], "DONE"))
+    open(os.path.join(runs[2], "eval_results.pth"), "w").write("partial")
+    assert train.main(_args(assets, finished, "--optimizer", "adam", "--dont_search")) == 0
+    for r in runs:
+        assert os.path.exists(os.path.join(r, "DONE"))
+        assert (os.path.getmtime(os.path.join(r, "eval_results.pth")) == stamps[r]) == (r != runs[2])
+    assert "test_" + NAME in _results(runs[2])["epoch_2"]["classification"]
+
+
+def test_compress_then_featselect(assets, finished, capsys):
+    featselect = _args(assets, finished, "--sparse-mode", "featselect",
+                       over=["MODEL.H2T.LRP_COEF", "0.0", "MODEL.H2T.KEEP_FRAC", "0.7"])
+    assert train.main(featselect) == 2
+    assert "compress run" in capsys.readouterr().err
+    assert train.main(_args(assets, finished, "--sparse-mode", "compress",
+                            over=["MODEL.H2T.LRP_COEF", "0.0001", "MODEL.H2T.KEEP_FRAC", "1.0"])) == 0
+    assert train.main(featselect) == 0
+    runs = _runs(finished, "_sparsefinal")
+    hp = {r.split("/")[0] for r in runs}
+    assert hp == {_runs(finished, "_final")[0].split("/")[0]}  # the un-halved best lr in the folder name
+    assert sorted(r.split("/", 1)[1] for r in runs) == sorted(
+        [f"compress/run{k}" for k in range(1, 6)] + [f"keep_frac_0.7/run{k}" for k in range(1, 6)])
+    base = os.path.join(f"{finished}_sparsefinal", NAME, "demo_vit_tiny", hp.pop())
+    final_dir = os.path.join(f"{finished}_final", NAME, "demo_vit_tiny", _runs(finished, "_final")[0].split("/")[0])
+    lr = float(re.match(r"lr(.+?)_", os.path.basename(base)).group(1))
+    full = feature_dim(64, 4, 2, 2)
+    for k in range(1, len(FINAL_SEEDS) + 1):
+        final = torch.load(os.path.join(final_dir, f"run{k}", "last_model.pth"), weights_only=True)["model"]
+        comp = torch.load(os.path.join(base, "compress", f"run{k}", "last_model.pth"), weights_only=True)
+        sel = torch.load(os.path.join(base, "keep_frac_0.7", f"run{k}", "last_model.pth"), weights_only=True)
+        assert torch.equal(comp["model"][QUERY_KEY], final[QUERY_KEY])   # frozen query tokens
+        assert torch.equal(sel["model"][QUERY_KEY], final[QUERY_KEY])
+        assert comp["model"][HEAD_W].shape == (10, full)
+        assert sel["model"][HEAD_W].shape == (10, int(full * 0.7))
+        expected = torch.topk(comp["model"][HEAD_W].norm(dim=0), k=int(full * 0.7)).indices
+        assert torch.equal(sel["feat_ids"], expected)
+        cfg_text = open(os.path.join(base, "compress", f"run{k}", "config.yaml")).read()
+        assert f"BASE_LR: {0.5 * lr}" in cfg_text
+        assert "test_" + NAME in _results(os.path.join(base, "keep_frac_0.7", f"run{k}"))["epoch_2"]["classification"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["DATA.NUMBER_CLASSES", "7"], "has 10 classes"),
+    (["MODEL.H2T.KEEP_FRAC", "1"], "MODEL.H2T.KEEP_FRAC"),
+    (["SOLVER.NOT_A_KEY", "1"], "unknown config key"),
+    (["DATA.NAME", "vtab-eurosat2"], "vtab-eurosat"),
+])
+def test_bad_input_is_one_clear_line(assets, tmp_path, capsys, extra, message):
+    assert train.main(_args(assets, str(tmp_path / "x"), over=extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_missing_checkpoint_names_the_file(assets, tmp_path, capsys):
+    assert train.main(_args(assets, str(tmp_path / "x"), over=["MODEL.WEIGHT_PATH", str(tmp_path / "nope.npz")])) == 2
+    assert "nope.npz" in capsys.readouterr().err
+
+
+def test_launchers_check_their_arguments():
+    for script, n in (("scripts/VQT/run_vqt_vtab.sh", 6), ("scripts/VQT/run_vqt_vtab_sparsity.sh", 7)):
+        p = subprocess.run(["bash", script, "0"], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 2 and "usage" in p.stderr and len(p.stderr.split("usage:")[1].split()) == n + 2
+
+
+def test_run_demo_exp_runs_the_19_tasks_of_the_paper():
+    text = open(os.path.join(ROOT, "run_demo_exp.sh")).read().split('if [ "$1" = "--demo" ]')[1].split("\nfi\n")[1]
+    rows = re.findall(r"^\s+['\"](vtab-.+) (\d+)['\"]", text, flags=re.M)
+    q_of_block = {}
+    for block in text.split("# Q = ")[1:]:
+        q = int(block.split(",")[0])
+        for name, _ in re.findall(r"^\s+['\"](vtab-.+) (\d+)['\"]", block, flags=re.M):
+            q_of_block[name] = (q, "run_vqt_vtab_sparsity.sh" in block)
+    assert [(n, int(c)) for n, c in rows] == [(t.name, t.classes) for t in DEMO_TASKS]
+    assert all(q_of_block[t.name] == (t.q, t.fraction is not None) for t in DEMO_TASKS)
