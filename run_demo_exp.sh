@@ -48,21 +48,15 @@ for row in \
     bash scripts/VQT/run_vqt_vtab_sparsity.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE 0.7
 done
 
-# Q = 10, frac = 1.0
+# Q = 10 (first two) and Q = 20, frac = 1.0
 for row in \
-    'vtab-smallnorb(predicted_attribute="label_elevation") 9' \
-    'vtab-clevr(task="closest_object_distance") 6'; do
-    read -r DATA_NAME NUM_CLASSES <<< "$row"
-    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 10 $OPTIMIZER $FEATURE
-done
-
-# Q = 20, frac = 1.0
-for row in \
-    "vtab-svhn 10" \
-    "vtab-dmlab 6" \
-    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16) 16' \
-    'vtab-smallnorb(predicted_attribute="label_azimuth") 18' \
-    'vtab-kitti(task="closest_vehicle_distance") 4'; do
-    read -r DATA_NAME NUM_CLASSES <<< "$row"
-    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 20 $OPTIMIZER $FEATURE
+    'vtab-smallnorb(predicted_attribute="label_elevation") 9 10' \
+    'vtab-clevr(task="closest_object_distance") 6 10' \
+    "vtab-svhn 10 20" \
+    "vtab-dmlab 6 20" \
+    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16) 16 20' \
+    'vtab-smallnorb(predicted_attribute="label_azimuth") 18 20' \
+    'vtab-kitti(task="closest_vehicle_distance") 4 20'; do
+    read -r DATA_NAME NUM_CLASSES Q <<< "$row"
+    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" "$Q" $OPTIMIZER $FEATURE
 done

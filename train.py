@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from src.configs.defaults import load_cfg
-from src.errors import VQTError
+from src.errors import VQTError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,19 +28,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.train_type != "h2t-prompt":
-            raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
-        cfg = load_cfg(args.config_file, args.opts)
-        if args.optimizer is not None and args.optimizer != cfg.SOLVER.OPTIMIZER:
-            raise VQTError(f"--optimizer {args.optimizer} differs from SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER}")
-        cfg.freeze()
-        from src.engine.protocol import run_protocol
-        run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats)
-    except VQTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.train_type != "h2t-prompt":
+        raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
+    cfg = load_cfg(args.config_file, args.opts)
+    if args.optimizer is not None and args.optimizer != cfg.SOLVER.OPTIMIZER:
+        raise VQTError(f"--optimizer {args.optimizer} differs from SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER}")
+    cfg.freeze()
+    from src.engine.protocol import run_protocol  # imports torch/TF: after the arguments are checked
+    run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats)
 
 
 if __name__ == "__main__":

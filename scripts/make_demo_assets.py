@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.configs.vit_configs import MODEL_ZOO  # noqa: E402
 from src.data.synthetic import write_fake_tfds  # noqa: E402
-from src.errors import VQTError  # noqa: E402
+from src.errors import run_cli  # noqa: E402
 from src.models.checkpoints import write_random_npz  # noqa: E402
 
 DEMO_FEATURE = "demo_vit_tiny"
@@ -26,19 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dest", default="demo_assets")
     p.add_argument("--tasks", nargs="+", default=["vtab-eurosat", "vtab-svhn"], help="DATA.NAMEs")
     args = p.parse_args(argv)
-    try:
-        entry = MODEL_ZOO[DEMO_FEATURE]
-        weights = os.path.join(args.dest, "pre-trained_weights", entry.file)
-        if not os.path.exists(weights):
-            os.makedirs(os.path.dirname(weights), exist_ok=True)
-            write_random_npz(weights, entry.arch, img_size=DEMO_IMG_SIZE, seed=0)
-        print(f"demo backbone: {weights}")
-        for name in args.tasks:
-            print(f"demo data: {name} -> {write_fake_tfds(name, os.path.join(args.dest, 'vtab_data'), learnable=True)}")
-    except VQTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: make_assets(args.dest, args.tasks))
+
+
+def make_assets(dest: str, tasks: list[str]) -> None:
+    entry = MODEL_ZOO[DEMO_FEATURE]
+    weights = os.path.join(dest, "pre-trained_weights", entry.file)
+    if not os.path.exists(weights):
+        os.makedirs(os.path.dirname(weights), exist_ok=True)
+        write_random_npz(weights, entry.arch, img_size=DEMO_IMG_SIZE, seed=0)
+    print(f"demo backbone: {weights}")
+    for name in tasks:
+        print(f"demo data: {name} -> {write_fake_tfds(name, os.path.join(dest, 'vtab_data'), learnable=True)}")
 
 
 if __name__ == "__main__":

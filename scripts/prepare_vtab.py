@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.data.loader import EXPECTED_SIZES, import_tfds, open_builder, prepare_command, resolve_spec, split_sizes
 from src.data.tasks import TASKS, VTABTask, get_task
-from src.errors import VQTError
+from src.errors import VQTError, run_cli
 
 NETWORK_HOST = ("storage.googleapis.com", 443)  # TFDS downloads prepared data and some sources from GCS
 
@@ -158,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="DATA.NAME", help="default: all 19")
     p.add_argument("--check", action="store_true", help="only report which tasks are prepared")
     args = p.parse_args(argv)
-    try:
-        tasks = [get_task(name) for name in args.tasks]
-        return check(tasks, args.data_dir) if args.check else prepare(tasks, args.data_dir)
-    except VQTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: (check if args.check else prepare)([get_task(n) for n in args.tasks], args.data_dir))
 
 
 if __name__ == "__main__":

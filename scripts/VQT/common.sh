@@ -3,6 +3,13 @@ MODEL_ROOT=${MODEL_ROOT:-pre-trained_weights}
 DATA_PATH=${DATA_PATH:-vtab_data}
 EXP_ROOT=${EXP_ROOT:-h2t_vit_experiments}
 PYTHON=${PYTHON:-python}
+# require_args EXPECTED GIVEN "ARG NAMES": print the usage and exit 2 on a wrong argument count
+require_args() {
+    if [ "$2" -ne "$1" ]; then
+        echo "usage: bash $0 $3" >&2
+        exit 2
+    fi
+}
 # common_opts DATA_NAME NUM_CLASSES Q FEATURE MODEL_TYPE OUTPUT_DIR OPTIMIZER
 common_opts() {
     COMMON_OPTS=(

@@ -3,11 +3,8 @@
 # group-lasso head (compress), then keep FRACTION of the features and retrain the head (featselect).
 # usage: bash scripts/VQT/run_vqt_vtab_sparsity.sh GPUIDX DATA_NAME NUM_CLASSES Q_LEN OPTIMIZER FEATURE FRACTION
 set -euo pipefail
-if [ $# -ne 7 ]; then
-    echo "usage: bash $0 GPUIDX DATA_NAME NUM_CLASSES Q_LEN OPTIMIZER FEATURE FRACTION" >&2
-    exit 2
-fi
 source "$(dirname "$0")/common.sh"
+require_args 7 $# "GPUIDX DATA_NAME NUM_CLASSES Q_LEN OPTIMIZER FEATURE FRACTION"
 OUTPUT_DIR=$EXP_ROOT/VQTSup_$4_$5
 LRP_COEF=0.0001
 common_opts "$2" "$3" "$4" "$6" h2t-vit "$OUTPUT_DIR" "$5"

@@ -11,47 +11,52 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from src.data.tasks import get_task
 from src.errors import VQTError
 
 
 @dataclass(frozen=True)
 class DemoTask:
-    """One row of `run_demo_exp.sh`: DATA.NAME, class count, Q, sparsity keep fraction, VTAB group, short label."""
+    """One row of `run_demo_exp.sh`: DATA.NAME, Q, sparsity keep fraction and a short label;
+    the class count and VTAB group come from the task registry."""
 
     name: str
-    classes: int
     q: int
     fraction: float | None
-    group: str
     short: str
 
+    @property
+    def classes(self) -> int:
+        return get_task(self.name).num_classes
 
-NATURAL, SPECIALIZED, STRUCTURED = "Natural", "Specialized", "Structured"
-GROUPS = (NATURAL, SPECIALIZED, STRUCTURED)
+    @property
+    def group(self) -> str:
+        return get_task(self.name).group
+
+
+GROUPS = ("Natural", "Specialized", "Structured")
 
 # The 19 tasks in run_demo_exp.sh order (spec §2.6).
 DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("vtab-caltech101", 102, 1, 0.7, NATURAL, "caltech101"),
-    DemoTask("vtab-dtd", 47, 1, 0.7, NATURAL, "dtd"),
-    DemoTask("vtab-oxford_flowers102", 102, 1, 0.7, NATURAL, "flowers102"),
-    DemoTask("vtab-oxford_iiit_pet", 37, 1, 0.7, NATURAL, "pets"),
-    DemoTask("vtab-cifar(num_classes=100)", 100, 1, 0.7, NATURAL, "cifar100"),
-    DemoTask("vtab-patch_camelyon", 2, 1, 0.7, SPECIALIZED, "camelyon"),
-    DemoTask("vtab-resisc45", 45, 1, 0.7, SPECIALIZED, "resisc45"),
-    DemoTask('vtab-diabetic_retinopathy(config="btgraham-300")', 5, 1, 0.7, SPECIALIZED, "retinopathy"),
-    DemoTask("vtab-eurosat", 10, 1, 0.7, SPECIALIZED, "eurosat"),
-    DemoTask('vtab-clevr(task="count_all")', 8, 1, 0.7, STRUCTURED, "clevr-count"),
-    DemoTask('vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 16, 1, 0.7, STRUCTURED,
-             "dsprites-ori"),
-    DemoTask("vtab-sun397", 397, 1, 0.7, NATURAL, "sun397"),
-    DemoTask('vtab-smallnorb(predicted_attribute="label_elevation")', 9, 10, None, STRUCTURED, "smallnorb-ele"),
-    DemoTask('vtab-clevr(task="closest_object_distance")', 6, 10, None, STRUCTURED, "clevr-dist"),
-    DemoTask("vtab-svhn", 10, 20, None, NATURAL, "svhn"),
-    DemoTask("vtab-dmlab", 6, 20, None, STRUCTURED, "dmlab"),
-    DemoTask('vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)', 16, 20, None, STRUCTURED,
-             "dsprites-loc"),
-    DemoTask('vtab-smallnorb(predicted_attribute="label_azimuth")', 18, 20, None, STRUCTURED, "smallnorb-azi"),
-    DemoTask('vtab-kitti(task="closest_vehicle_distance")', 4, 20, None, STRUCTURED, "kitti"),
+    DemoTask("vtab-caltech101", 1, 0.7, "caltech101"),
+    DemoTask("vtab-dtd", 1, 0.7, "dtd"),
+    DemoTask("vtab-oxford_flowers102", 1, 0.7, "flowers102"),
+    DemoTask("vtab-oxford_iiit_pet", 1, 0.7, "pets"),
+    DemoTask("vtab-cifar(num_classes=100)", 1, 0.7, "cifar100"),
+    DemoTask("vtab-patch_camelyon", 1, 0.7, "camelyon"),
+    DemoTask("vtab-resisc45", 1, 0.7, "resisc45"),
+    DemoTask('vtab-diabetic_retinopathy(config="btgraham-300")', 1, 0.7, "retinopathy"),
+    DemoTask("vtab-eurosat", 1, 0.7, "eurosat"),
+    DemoTask('vtab-clevr(task="count_all")', 1, 0.7, "clevr-count"),
+    DemoTask('vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 1, 0.7, "dsprites-ori"),
+    DemoTask("vtab-sun397", 1, 0.7, "sun397"),
+    DemoTask('vtab-smallnorb(predicted_attribute="label_elevation")', 10, None, "smallnorb-ele"),
+    DemoTask('vtab-clevr(task="closest_object_distance")', 10, None, "clevr-dist"),
+    DemoTask("vtab-svhn", 20, None, "svhn"),
+    DemoTask("vtab-dmlab", 20, None, "dmlab"),
+    DemoTask('vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)', 20, None, "dsprites-loc"),
+    DemoTask('vtab-smallnorb(predicted_attribute="label_azimuth")', 20, None, "smallnorb-azi"),
+    DemoTask('vtab-kitti(task="closest_vehicle_distance")', 20, None, "kitti"),
 )
 TASKS_BY_NAME: dict[str, DemoTask] = {t.name: t for t in DEMO_TASKS}
 
