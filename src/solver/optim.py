@@ -17,7 +17,7 @@ class StackedOptimizer:
             raise VQTError(f"SOLVER.OPTIMIZER {kind!r} is not supported; use 'adam' or 'sgd'")
         self.params, self.decay, self.kind = params, decay, kind
         self.momentum, self.betas, self.eps = momentum, betas, eps
-        self.state = [dict() for _ in params]
+        self.state: list[dict] = [{} for _ in params]
         self.steps = 0
 
     def zero_grad(self) -> None:

@@ -39,7 +39,7 @@ class RunLog:
     """Appends timestamped lines to one run folder's logs.txt."""
 
     def __init__(self, path: str):
-        self.f = open(path, "a")
+        self.f = open(path, "a")  # noqa: SIM115 (open for the whole run, closed by close())
 
     def __call__(self, msg: str) -> None:
         self.f.write(f"[{time.strftime(DATEFMT)}] {msg}\n")

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -79,7 +79,7 @@ class TaskLock:
         self.path = os.path.join(folder, ".lock")
         self.fd = None
 
-    def __enter__(self) -> "TaskLock":
+    def __enter__(self) -> Self:
         self.fd = open(self.path, "a+")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
