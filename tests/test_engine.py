@@ -169,3 +169,15 @@ def test_metrics():
     assert classification_metrics(logits, np.zeros(50, dtype=int))["rocauc"] == -1.0
     m4 = classification_metrics(rng.standard_normal((30, 4)), rng.integers(0, 4, 30))
     assert set(m4) == {"top1", "top4"} and m4["top4"] == 1.0
+
+
+def test_tensorboard_scalars(backbone, images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(**{"ENGINE.TENSORBOARD": True})
+    _train(cfg, backbone, images, [(0.01, 0.0, 1)], tmp_path)
+    acc = EventAccumulator(str(tmp_path / "m0" / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "val/top1"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("val/top1")] == [0, 1, 2]
+    assert acc.Scalars("train/lr")[0].value == 0.0
