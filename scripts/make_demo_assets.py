@@ -12,10 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.configs.vit_configs import MODEL_ZOO  # noqa: E402
-from src.data.synthetic import write_fake_tfds  # noqa: E402
-from src.errors import run_cli  # noqa: E402
-from src.models.checkpoints import write_random_npz  # noqa: E402
+from src.configs.vit_configs import MODEL_ZOO
+from src.data.synthetic import write_fake_tfds
+from src.errors import run_cli
+from src.models.checkpoints import write_random_npz
 
 DEMO_FEATURE = "demo_vit_tiny"
 DEMO_IMG_SIZE = 64
