@@ -95,6 +95,9 @@ def test_cached_and_uncached_paths_agree(backbone, images):
         logits = model(backbone, feat, kvs)
         torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, 2)).backward()
         outs.append((logits.detach(), model.query_tokens.grad, model.head_weight.grad, model.head_bias.grad))
+        # only query tokens and heads are trained: nothing reaches the frozen backbone
+        assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+        assert all(g is not None and g.abs().sum() > 0 for g in outs[-1][1:])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
