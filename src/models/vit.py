@@ -33,8 +33,10 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, h * hd))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention of the backbone's tokens; also returns their keys and values."""
+        """Self-attention of the backbone's tokens; also returns their keys and values (own
+        storage, so holding them does not keep the whole qkv projection alive)."""
         q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        k, v = k.contiguous(), v.contiguous()
         return self._merge(F.scaled_dot_product_attention(q, k, v)), k, v
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
