@@ -1,0 +1,340 @@
+"""Speed and memory of one VTAB-1k task's VQT protocol (lr x wd search + 5 final seeds) on synthetic images.
+
+Reference path: the frozen backbone runs at every step, each config trains alone, the test set is
+streamed once per final run (as the original). Fast path: one cached frozen pass, all configs of a
+phase trained together, the test set streamed once for all finals. Both are measured over a few
+epochs and extrapolated to the full protocol (100 epochs); the printout says which figures are
+measured and which are extrapolated. Also: training-step memory of VQT vs VPT-deep (prompts inside
+the backbone, backprop through every layer) on the same batch.
+
+    python benchmarks/bench_protocol.py                                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~5 min)
+    python benchmarks/bench_protocol.py --arch b16 --device cuda --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Self
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode
+
+from src.configs.defaults import load_cfg
+from src.configs.vit_configs import VIT_B16, ViTArch
+from src.data.loader import ImageSet
+from src.data.preprocess import preprocess
+from src.engine.frozen import FrozenFeatures
+from src.engine.protocol import FINAL_SEEDS, SEARCH_SEED, lr_wd_grid, resolve_device
+from src.engine.trainer import Member, TestSet, train_members
+from src.models.checkpoints import load_backbone, write_random_npz
+from src.models.vit import VisionTransformer
+from src.models.vqt import Members
+from src.utils.rundir import RunDir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = {"tiny": ViTArch(16, 192, 12, 3, 768), "b16": VIT_B16}  # tiny: ViT-Ti/16 shapes
+N_TRAIN, N_VAL, RAW_SIZE = 800, 200, 64  # VTAB-1k train800 / val200; synthetic images are 64x64
+GiB = 2 ** 30
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA `max_memory_allocated`; on CPU the resident-set
+    high-water mark (VmHWM, reset through /proc/self/clear_refs), meaningful in a fresh process."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> Self:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() if self.cuda else _proc_status("VmHWM")
+        self.growth = self.peak - self.base
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+class Clock:
+    """Wall-clock laps, synchronising CUDA first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        return dt
+
+
+def synthetic(n: int, classes: int, seed: int) -> ImageSet:
+    """`n` noisy 64x64 uint8 images whose class sets their colour."""
+    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(0).integers(0, 256, (classes, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    noise = rng.standard_normal((n, RAW_SIZE, RAW_SIZE, 3), dtype=np.float32) * 40
+    images = np.clip(colours[labels, None, None] + noise, 0, 255).astype(np.uint8)
+    return ImageSet(list(images), labels.astype(np.int64))
+
+
+def setup(a: argparse.Namespace) -> tuple[torch.device, VisionTransformer, ImageSet]:
+    """Device, the backbone loaded from the random .npz, and train800 + val200 images."""
+    device = resolve_device(a.device)
+    backbone = VisionTransformer(ARCHS[a.arch], a.img_size)
+    load_backbone(backbone, a.ckpt, "npz")
+    return device, backbone.requires_grad_(False).eval().to(device), synthetic(N_TRAIN + N_VAL, a.classes, 1)
+
+
+def make_cfg(a: argparse.Namespace, out: str) -> CfgNode:
+    opts = {"DATA.NAME": "vtab-synthetic", "DATA.NUMBER_CLASSES": a.classes, "DATA.CROPSIZE": a.img_size,
+            "DATA.BATCH_SIZE": a.batch_size, "ENGINE.EVAL_BATCH_SIZE": a.batch_size, "SOLVER.OPTIMIZER": "adam",
+            "SOLVER.TOTAL_EPOCH": a.epochs, "MODEL.H2T.NUM_QUERY_TOKENS": a.q, "MODEL.H2T.DROPOUT": 0.1,
+            "OUTPUT_DIR": out}
+    return load_cfg(os.path.join(REPO, "configs/h2t-prompt/vtab.yaml"), [str(x) for kv in opts.items() for x in kv])
+
+
+def search_members(a: argparse.Namespace, out: str, n: int) -> list[Member]:
+    """The first `n` configs of the paper's Adam grid (cycled), lr scaled to the batch size as the protocol does."""
+    grid = itertools.islice(itertools.cycle(itertools.product(*lr_wd_grid("adam"))), n)
+    return [Member(RunDir(f"{out}/search/{i}"), lr / 256 * a.batch_size, wd, SEARCH_SEED)
+            for i, (lr, wd) in enumerate(grid)]
+
+
+def final_members(a: argparse.Namespace, out: str, n: int) -> list[Member]:
+    """The first `n` final seeds, all with the first search config (the pick does not change the cost)."""
+    best = search_members(a, out, 1)[0]
+    return [Member(RunDir(f"{out}/final/{k}"), best.lr, best.wd, seed) for k, seed in enumerate(FINAL_SEEDS[:n])]
+
+
+def timed_test(a: argparse.Namespace, laps: list[float]) -> TestSet:
+    """The synthetic test set as a stream; appends the time from its first batch request to its end to `laps`."""
+    test = synthetic(a.test_size, a.classes, 2)
+
+    def batches() -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+        start = time.perf_counter()
+        for i in range(0, len(test), a.batch_size):
+            yield test.images[i:i + a.batch_size], test.labels[i:i + a.batch_size]
+        laps.append(time.perf_counter() - start)
+    return TestSet(len(test), batches())
+
+
+def fast_path(a: argparse.Namespace) -> dict:
+    """Cached frozen pass, the whole search grid together, the 5 finals together with the test streamed once."""
+    device, backbone, images = setup(a)
+    rows, test_s = torch.arange(len(images)), []
+    with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
+        cfg, clock = make_cfg(a, out), Clock(device)
+        frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=True, dtype=a.cache_dtype,
+                                batch_size=a.batch_size)
+        build = clock.lap()
+        train_members(cfg, backbone, frozen, search_members(a, out, a.grid), rows[:N_TRAIN], rows[N_TRAIN:],
+                      desc="fast search")
+        search = clock.lap()
+        train_members(cfg, backbone, frozen, final_members(a, out, len(FINAL_SEEDS)), rows, rows[N_TRAIN:],
+                      test=timed_test(a, test_s), save_ckpt=True, desc="fast finals")
+        finals = clock.lap()
+        cache_bytes = frozen.kv.numel() * frozen.kv.element_size()
+        frozen.close()
+    return {"frozen_pass_s": build, "search_s": search, "finals_train_s": finals - test_s[0], "test_s": test_s[0],
+            "cache_bytes": cache_bytes, "peak_bytes": mem.growth}
+
+
+def reference_path(a: argparse.Namespace) -> dict:
+    """Backbone at every step, one config per train_members call: `--ref-configs` search configs and one final."""
+    device, backbone, images = setup(a)
+    rows, test_s = torch.arange(len(images)), []
+    with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
+        cfg, clock = make_cfg(a, out), Clock(device)
+        frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
+        for m in search_members(a, out, a.ref_configs):
+            train_members(cfg, backbone, frozen, [m], rows[:N_TRAIN], rows[N_TRAIN:], desc="reference search")
+        search = clock.lap()
+        train_members(cfg, backbone, frozen, final_members(a, out, 1), rows, rows[N_TRAIN:],
+                      test=timed_test(a, test_s), save_ckpt=True, desc="reference final")
+        finals = clock.lap()
+    return {"search_s": search, "finals_train_s": finals - test_s[0], "test_s": test_s[0], "peak_bytes": mem.growth}
+
+
+def vpt_deep_logits(backbone: VisionTransformer, x: torch.Tensor, prompts: torch.Tensor,
+                    head: nn.Linear) -> torch.Tensor:
+    """VPT-deep: layer i's P prompt tokens replace the previous prompt outputs after CLS; the frozen blocks
+    attend over [CLS, prompts, patches], so gradients flow back through every layer."""
+    x = backbone.patch_embed(x)
+    x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + backbone.pos_embed
+    p = prompts.shape[1]
+    for i, blk in enumerate(backbone.blocks):
+        patches = x[:, 1 + p:] if i else x[:, 1:]
+        x = blk(torch.cat([x[:, :1], prompts[i].expand(x.shape[0], -1, -1), patches], dim=1))[0]
+    return head(backbone.norm(x)[:, 0])
+
+
+def train_step(a: argparse.Namespace, method: str) -> dict:
+    """Peak memory and time of one training step (forward + backward) on `--mem-batch` images."""
+    device, backbone, images = setup(a)
+    idx = torch.arange(a.mem_batch) % len(images)
+    d = backbone.embed_dim
+    if method == "vqt":
+        frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
+        model = Members(1, backbone.depth, d, backbone.arch.patch_size, a.q, a.classes, dropout=0.1)
+        model.init_member(0, SEARCH_SEED)
+        model, gens = model.to(device), [torch.Generator(device=device).manual_seed(0)]
+    else:
+        prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
+        head = nn.Linear(d, a.classes).to(device)
+    with PeakMemory(device) as mem:
+        clock = Clock(device)
+        if method == "vqt":
+            feat, kvs, y = frozen.batch(idx, train=True)  # frozen pass under no_grad, as the uncached path
+            logits = model(backbone, feat, kvs, gens=gens)[:, 0]
+        else:
+            x = preprocess([images.images[i] for i in idx.tolist()], a.img_size, device)
+            y = torch.as_tensor(images.labels[idx.numpy()], device=device)
+            logits = vpt_deep_logits(backbone, x, prompts, head)
+        F.cross_entropy(logits, y).backward()
+        seconds = clock.lap()
+    return {"peak_bytes": mem.growth, "step_s": seconds}
+
+
+def measure(fn: Callable[..., dict], a: argparse.Namespace, *args) -> dict:
+    """Run `fn` here on CUDA (allocator peaks are exact in-process); on CPU in a fresh spawned process so
+    that its resident-set peak is its own (freed memory kept by the allocator would blur it here)."""
+    if resolve_device(a.device).type == "cuda":
+        return fn(a, *args)
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, (a, *args))
+
+
+def extrapolate(a: argparse.Namespace, fast: dict, ref: dict) -> list[tuple]:
+    """Rows (path, phase, measured work, measured s, s per config-epoch, full work, full s). The reference is
+    linear in configs x epochs; the fast path's search/finals are per epoch for the whole grid/all finals;
+    frozen pass and test streaming are fixed costs (the test scaled linearly to `--full-test-size` images)."""
+    e, full, n_final = a.epochs, a.full_epochs, len(FINAL_SEEDS)
+    test_scale = a.full_test_size / a.test_size
+    ref_search, ref_final = ref["search_s"] / (a.ref_configs * e), ref["finals_train_s"] / e
+    return [
+        ("reference", "search", f"{a.ref_configs} cfg x {e} ep", ref["search_s"], ref_search,
+         f"{a.grid} cfg x {full} ep", a.grid * full * ref_search),
+        ("reference", "finals", f"1 cfg x {e} ep", ref["finals_train_s"], ref_final,
+         f"{n_final} cfg x {full} ep", n_final * full * ref_final),
+        ("reference", "test", f"{a.test_size} img x 1 run", ref["test_s"], None,
+         f"{a.full_test_size} img x {n_final} runs", n_final * ref["test_s"] * test_scale),
+        ("fast", "frozen pass", f"{N_TRAIN + N_VAL} img", fast["frozen_pass_s"], None, "once", fast["frozen_pass_s"]),
+        ("fast", "search", f"{a.grid} cfg x {e} ep", fast["search_s"], fast["search_s"] / (a.grid * e),
+         f"{a.grid} cfg x {full} ep", full * fast["search_s"] / e),
+        ("fast", "finals", f"{n_final} cfg x {e} ep", fast["finals_train_s"], fast["finals_train_s"] / (n_final * e),
+         f"{n_final} cfg x {full} ep", full * fast["finals_train_s"] / e),
+        ("fast", "test", f"{a.test_size} img x 1", fast["test_s"], None, f"{a.full_test_size} img x 1",
+         fast["test_s"] * test_scale),
+    ]
+
+
+def report_protocol(a: argparse.Namespace) -> dict:
+    """Measure both paths, print the measured and extrapolated table and their peak memory; return the figures."""
+    ref, fast = measure(reference_path, a), measure(fast_path, a)
+    rows = extrapolate(a, fast, ref)
+    print(f"task: {N_TRAIN} train + {N_VAL} val synthetic {RAW_SIZE}x{RAW_SIZE} images, test {a.test_size} measured; "
+          f"search grid {a.grid} Adam configs, finals {len(FINAL_SEEDS)} seeds")
+    print(f"\n{'path':<10}{'phase':<12}{'MEASURED work':<22}{'seconds':>9}{'s/config-epoch':>16}   "
+          f"{'EXTRAPOLATED work':<26}{'seconds':>10}")
+    totals = {"reference": 0.0, "fast": 0.0}
+    for path, phase, work, sec, per, full_work, full_sec in rows:
+        totals[path] += full_sec
+        per_s = f"{per:.3f}" if per is not None else "fixed"
+        print(f"{path:<10}{phase:<12}{work:<22}{sec:>9.1f}{per_s:>16}   {full_work:<26}{full_sec:>10.0f}")
+    ratio = totals["reference"] / totals["fast"]
+    print(f"\nfull protocol ({a.full_epochs} epochs, test {a.full_test_size} images), EXTRAPOLATED from the "
+          f"{a.epochs}-epoch measurements above:")
+    print(f"  reference {totals['reference']:.0f} s ({totals['reference'] / 3600:.2f} h), "
+          f"fast {totals['fast']:.0f} s ({totals['fast'] / 3600:.2f} h): ratio {ratio:.1f}x (target >= 50x)")
+    print(f"\npeak memory above the loaded backbone + images (MEASURED, {memory_kind(a)}):")
+    print(f"  reference path {ref['peak_bytes'] / GiB:.2f} GiB; fast path {fast['peak_bytes'] / GiB:.2f} GiB "
+          f"(frozen-path cache {fast['cache_bytes'] / GiB:.2f} GiB {a.cache_dtype})")
+    keys = ("path", "phase", "measured_work", "measured_s", "s_per_config_epoch", "full_work", "full_s")
+    return {"measured": {"reference": ref, "fast": fast}, "extrapolated": [dict(zip(keys, r)) for r in rows],
+            "reference_s": totals["reference"], "fast_s": totals["fast"], "ratio": ratio}
+
+
+def report_memory(a: argparse.Namespace) -> dict:
+    """Measure and print the training-step memory of VQT vs VPT-deep; return the figures."""
+    vqt, vpt = measure(train_step, a, "vqt"), measure(train_step, a, "vpt")
+    ratio = vqt["peak_bytes"] / vpt["peak_bytes"]
+    print(f"\none training step, batch {a.mem_batch}, peak memory above the loaded backbone + images "
+          f"(MEASURED, {memory_kind(a)}):")
+    print(f"  VQT {vqt['peak_bytes'] / GiB:.2f} GiB ({vqt['step_s']:.1f} s); VPT-deep {a.prompts} prompts/layer "
+          f"{vpt['peak_bytes'] / GiB:.2f} GiB ({vpt['step_s']:.1f} s): VQT/VPT {ratio:.3f} (target <= 0.333)")
+    return {"vqt_step": vqt, "vpt_deep_step": vpt, "vqt_over_vpt": ratio}
+
+
+def memory_kind(a: argparse.Namespace) -> str:
+    if resolve_device(a.device).type == "cuda":
+        return "CUDA max_memory_allocated"
+    return "resident-set high-water mark, a fresh process each"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=2, help="measured epochs of every run (both paths)")
+    p.add_argument("--full-epochs", type=int, default=100, help="epochs of the extrapolated full protocol")
+    p.add_argument("--grid", type=int, default=20,
+                   help="search configs: the paper's Adam grid has 20 (more cycle through it)")
+    p.add_argument("--ref-configs", type=int, default=1, help="search configs measured on the reference path")
+    p.add_argument("--q", type=int, default=1, help="query tokens per layer")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--test-size", type=int, default=500, help="measured test images")
+    p.add_argument("--full-test-size", type=int, default=10000, help="test images of the extrapolated protocol")
+    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--mem-batch", type=int, default=128, help="batch of the VQT vs VPT-deep memory step")
+    p.add_argument("--prompts", type=int, default=10, help="VPT-deep prompt tokens per layer")
+    p.add_argument("--parts", nargs="+", choices=["protocol", "memory"], default=["protocol", "memory"],
+                   help="protocol: speed and memory of both paths; memory: VQT vs VPT-deep training step")
+    p.add_argument("--json", help="also write every figure to this file")
+    a = p.parse_args()
+    device = resolve_device(a.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"vqt protocol benchmark: arch {a.arch} at {a.img_size} px, Q={a.q}, {a.classes} classes, "
+          f"batch {a.batch_size}, {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    out = {"args": vars(a).copy(), "device": where, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as tmp:
+        a.ckpt = os.path.join(tmp, "vit.npz")
+        write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
+        for part in a.parts:
+            out[part] = (report_protocol if part == "protocol" else report_memory)(a)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
