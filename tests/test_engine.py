@@ -102,6 +102,21 @@ def test_cached_and_uncached_paths_agree(backbone, images):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_batches_hold_the_cache_rows(backbone, images, dtype):
+    """Batches of changing sizes (gathered into one reused buffer) hold exactly the requested rows of
+    the fp32 frozen pass, rounded to the cache dtype; earlier batches are overwritten, not kept."""
+    ref = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, batch_size=16)
+    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, dtype=dtype, batch_size=16)
+    for idx in (torch.arange(20), torch.tensor([5, 3, 59]), torch.arange(59, 30, -3)):
+        feat, kvs, labels = frozen.batch(idx, train=False)
+        assert torch.equal(feat, ref.feat[idx]) and torch.equal(labels, ref.labels[idx])
+        for i, pair in enumerate(kvs):
+            for j, x in enumerate(pair):
+                assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[0] == len(idx)
+                assert torch.equal(x, ref.kv[i, j, idx].to(getattr(torch, dtype)).float())
+
+
 def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
     idx = torch.arange(0, 60, 7)
     mem = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="cpu")

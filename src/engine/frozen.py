@@ -25,8 +25,8 @@ def _available_ram() -> int:
 
 
 def _split_kv(kv: torch.Tensor) -> list[KV]:
-    """(B, L, 2, H, T, hd) -> L pairs of (B, H, T, hd)."""
-    return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+    """(L, 2, B, H, T, hd) -> L pairs of contiguous (B, H, T, hd)."""
+    return [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
 
 
 @torch.no_grad()
@@ -40,7 +40,9 @@ def frozen_batches(backbone: VisionTransformer, batches: Iterator[tuple[list[np.
 
 class FrozenFeatures:
     """Frozen-path outputs of `images`, indexed by row. `cache=True` runs the backbone once and keeps
-    the results (on the device, in RAM, or in a disk memmap); otherwise every `batch` call runs it."""
+    the results (on the device, in RAM, or in a disk memmap); otherwise every `batch` call runs it.
+    The cache is laid out (layer, key|value, row, head, token, head_dim), so that a gathered batch
+    holds every layer's keys and values as contiguous blocks."""
 
     def __init__(self, backbone: VisionTransformer, images: ImageSet, size: int, device: torch.device, *,
                  cache: bool, embed_dropout: float = 0.0, dtype: str = "float32", location: str = "auto",
@@ -52,6 +54,7 @@ class FrozenFeatures:
         self.labels = torch.as_tensor(images.labels, dtype=torch.long)
         self.cached = cache
         self._file = None
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         if cache:
             self._build(DTYPES[dtype], location, batch_size, scratch_dir)
 
@@ -80,23 +83,38 @@ class FrozenFeatures:
         n, bb = len(self.images), self.backbone
         d, heads = bb.embed_dim, bb.arch.num_heads
         self.feat = torch.empty((n, d), dtype=torch.float32, device=self.device)
-        self.kv = self._storage((n, bb.depth, 2, heads, bb.num_tokens, d // heads), dtype, location, scratch_dir)
+        self.kv = self._storage((bb.depth, 2, n, heads, bb.num_tokens, d // heads), dtype, location, scratch_dir)
         batches = ((self.images.images[i:i + batch_size], None) for i in range(0, n, batch_size))
         start = 0
         for feat, kvs, _ in tqdm(frozen_batches(bb, batches, self.size, self.device), desc="frozen pass (cache)",
                                  total=-(-n // batch_size), leave=False):
             end = start + feat.shape[0]
             self.feat[start:end] = feat
-            kv = torch.stack([torch.stack(pair, dim=1) for pair in kvs], dim=1)
-            self.kv[start:end] = kv.to(self.kv.device, dtype)
+            for i, pair in enumerate(kvs):
+                for j, x in enumerate(pair):
+                    self.kv[i, j, start:end] = x.to(self.kv.device, dtype)
             start = end
+
+    def _buffer(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reused (L, 2, rows, H, T, hd) buffer: fresh allocations of this size cost more in page
+        faults (CPU) than the gather itself."""
+        shape = (*self.kv.shape[:2], rows, *self.kv.shape[3:])
+        numel = int(np.prod(shape))
+        buf = self._buffers.get((dtype, device))
+        if buf is None or buf.numel() < numel:
+            self._buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
 
     @torch.no_grad()
     def batch(self, idx: torch.Tensor, train: bool) -> tuple[torch.Tensor, list[KV], torch.Tensor]:
-        """Rows `idx` -> (feature (B, D), per-layer keys/values, labels), all on the device, fp32."""
+        """Rows `idx` -> (feature (B, D), per-layer keys/values, labels), all on the device, fp32.
+        Cached keys/values are gathered into a buffer that the next call overwrites: use them first."""
         labels = self.labels[idx].to(self.device)
         if self.cached:
-            kv = self.kv[idx.to(self.kv.device)].to(self.device, torch.float32, non_blocking=True)
+            kv = self._buffer(len(idx), self.kv.dtype, self.kv.device)
+            torch.index_select(self.kv, 2, idx.to(self.kv.device), out=kv)
+            if (kv.dtype, kv.device) != (torch.float32, self.device):
+                kv = self._buffer(len(idx), torch.float32, self.device).copy_(kv)
             return self.feat[idx.to(self.device)], _split_kv(kv), labels
         x = preprocess([self.images.images[i] for i in idx.tolist()], self.size, self.device)
         feat, kvs = self.backbone.frozen_pass(x, self.embed_dropout if train else 0.0)
@@ -105,6 +123,7 @@ class FrozenFeatures:
     def close(self) -> None:
         """Release the cache (and delete its disk file, if any)."""
         self.kv = self.feat = None
+        self._buffers.clear()
         if self._file and os.path.exists(self._file):
             os.remove(self._file)
         self._file = None

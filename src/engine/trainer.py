@@ -144,15 +144,17 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
         perms = [torch.randperm(len(train_rows), generator=gen) for _, gen, _ in groups]
         loss_sum = torch.zeros(len(members), device=device)
         for step in range(steps):
+            opt.zero_grad()
             losses = []
-            for (sl, _, drop_gens), perm in zip(groups, perms):
+            for (sl, _, drop_gens), perm in zip(groups, perms):  # backward per group: its batch is then free
                 feat, kvs, y = frozen.batch(train_rows[perm[step * bs:(step + 1) * bs]], train=True)
                 logits = model(backbone, feat, kvs, sl, drop_gens)
                 ce = F.cross_entropy(logits.permute(0, 2, 1), y[:, None].expand(-1, logits.shape[1]),
                                      reduction="none").mean(dim=0)
                 if lrp_coef > 0:
                     ce = ce + lrp_coef * model.head_weight[sl].norm(dim=1).sum(dim=1)
-                losses.append(ce)
+                torch.where(active[sl] & torch.isfinite(ce), ce, 0.0).sum().backward()
+                losses.append(ce.detach())
             loss = torch.cat(losses)
             bad = active & ~torch.isfinite(loss)
             if bad.any():
@@ -163,8 +165,6 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
                 active &= ~bad
             if not active.any():
                 break
-            opt.zero_grad()
-            loss[active].sum().backward()
             opt.step(lr, wd, active)
             loss_sum += loss.detach().nan_to_num()
             if (step + 1) % cfg.SOLVER.LOG_EVERY_N == 0:
