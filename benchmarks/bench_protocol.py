@@ -7,12 +7,13 @@ epochs and extrapolated to the full protocol (100 epochs); the printout says whi
 measured and which are extrapolated. Also: training-step memory of VQT vs VPT-deep (prompts inside
 the backbone, backprop through every layer) on the same batch.
 
-    python benchmarks/bench_protocol.py                                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~5 min)
+    python benchmarks/bench_protocol.py                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~5 min)
     python benchmarks/bench_protocol.py --arch b16 --device cuda --epochs 2
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import json
 import multiprocessing as mp
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Self
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = {"tiny": ViTArch(16, 192, 12, 3, 768), "b16": VIT_B16}  # tiny: ViT-Ti/16 shapes
 N_TRAIN, N_VAL, RAW_SIZE = 800, 200, 64  # VTAB-1k train800 / val200; synthetic images are 64x64
 GiB = 2 ** 30
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 class PeakMemory:
@@ -209,6 +212,8 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
     else:
         prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
         head = nn.Linear(d, a.classes).to(device)
+    if device.type == "cpu":  # glibc keeps freed blocks below its (adaptive) mmap threshold: pin it to 1 MiB
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 2 ** 20)  # so that the resident set follows the live tensors
     with PeakMemory(device) as mem:
         clock = Clock(device)
         if method == "vqt":
@@ -228,8 +233,8 @@ def measure(fn: Callable[..., dict], a: argparse.Namespace, *args) -> dict:
     that its resident-set peak is its own (freed memory kept by the allocator would blur it here)."""
     if resolve_device(a.device).type == "cuda":
         return fn(a, *args)
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (a, *args))
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, a, *args).result()
 
 
 def extrapolate(a: argparse.Namespace, fast: dict, ref: dict) -> list[tuple]:
@@ -274,7 +279,7 @@ def report_protocol(a: argparse.Namespace) -> dict:
           f"{a.epochs}-epoch measurements above:")
     print(f"  reference {totals['reference']:.0f} s ({totals['reference'] / 3600:.2f} h), "
           f"fast {totals['fast']:.0f} s ({totals['fast'] / 3600:.2f} h): ratio {ratio:.1f}x (target >= 50x)")
-    print(f"\npeak memory above the loaded backbone + images (MEASURED, {memory_kind(a)}):")
+    print(f"\npeak memory above the loaded backbone + images (MEASURED, {memory_kind(a, False)}):")
     print(f"  reference path {ref['peak_bytes'] / GiB:.2f} GiB; fast path {fast['peak_bytes'] / GiB:.2f} GiB "
           f"(frozen-path cache {fast['cache_bytes'] / GiB:.2f} GiB {a.cache_dtype})")
     keys = ("path", "phase", "measured_work", "measured_s", "s_per_config_epoch", "full_work", "full_s")
@@ -287,16 +292,16 @@ def report_memory(a: argparse.Namespace) -> dict:
     vqt, vpt = measure(train_step, a, "vqt"), measure(train_step, a, "vpt")
     ratio = vqt["peak_bytes"] / vpt["peak_bytes"]
     print(f"\none training step, batch {a.mem_batch}, peak memory above the loaded backbone + images "
-          f"(MEASURED, {memory_kind(a)}):")
+          f"(MEASURED, {memory_kind(a, True)}):")
     print(f"  VQT {vqt['peak_bytes'] / GiB:.2f} GiB ({vqt['step_s']:.1f} s); VPT-deep {a.prompts} prompts/layer "
           f"{vpt['peak_bytes'] / GiB:.2f} GiB ({vpt['step_s']:.1f} s): VQT/VPT {ratio:.3f} (target <= 0.333)")
     return {"vqt_step": vqt, "vpt_deep_step": vpt, "vqt_over_vpt": ratio}
 
 
-def memory_kind(a: argparse.Namespace) -> str:
+def memory_kind(a: argparse.Namespace, step: bool) -> str:
     if resolve_device(a.device).type == "cuda":
         return "CUDA max_memory_allocated"
-    return "resident-set high-water mark, a fresh process each"
+    return "resident-set high-water mark, a fresh process each" + (", glibc mmap threshold 1 MiB" if step else "")
 
 
 def main() -> None:
