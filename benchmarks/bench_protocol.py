@@ -2,18 +2,19 @@
 
 Reference path: the frozen backbone runs at every step, each config trains alone, the test set is
 streamed once per final run (as the original). Fast path: one cached frozen pass, all configs of a
-phase trained together, the test set streamed once for all finals. Both are measured over a few
-epochs and extrapolated to the full protocol (100 epochs); the printout says which figures are
-measured and which are extrapolated. Also: training-step memory of VQT vs VPT-deep (prompts inside
-the backbone, backprop through every layer) on the same batch.
+phase trained together, the test set streamed once for all finals. Both run in this process, one
+after the other, over a few epochs, extrapolated to the full protocol (100 epochs); the printout
+says which figures are measured and which are extrapolated. Also: training-step memory of VQT vs
+VPT-deep (prompts inside the backbone, backprop through every layer) on the same batch.
 
-    python benchmarks/bench_protocol.py                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~5 min)
+    python benchmarks/bench_protocol.py                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~4 min)
     python benchmarks/bench_protocol.py --arch b16 --device cuda --epochs 2
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import itertools
 import json
 import multiprocessing as mp
@@ -21,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Self
 
@@ -50,21 +51,25 @@ ARCHS = {"tiny": ViTArch(16, 192, 12, 3, 768), "b16": VIT_B16}  # tiny: ViT-Ti/1
 N_TRAIN, N_VAL, RAW_SIZE = 800, 200, 64  # VTAB-1k train800 / val200; synthetic images are 64x64
 GiB = 2 ** 30
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+LIBC = ctypes.CDLL(None)
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA `max_memory_allocated`; on CPU the resident-set
-    high-water mark (VmHWM, reset through /proc/self/clear_refs), meaningful in a fresh process."""
+    """Peak memory above the level at entry: CUDA `max_memory_allocated`; on CPU (Linux, glibc) the
+    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs), after freed heap memory
+    is handed back to the OS so that what an earlier measurement left neither counts nor serves."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
     def __enter__(self) -> Self:
+        gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            LIBC.malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.base = _proc_status("VmRSS")
@@ -213,7 +218,7 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
         prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
         head = nn.Linear(d, a.classes).to(device)
     if device.type == "cpu":  # glibc keeps freed blocks below its (adaptive) mmap threshold: pin it to 1 MiB
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 2 ** 20)  # so that the resident set follows the live tensors
+        LIBC.mallopt(M_MMAP_THRESHOLD, 2 ** 20)  # so that the resident set follows the live tensors
     with PeakMemory(device) as mem:
         clock = Clock(device)
         if method == "vqt":
@@ -228,13 +233,13 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
     return {"peak_bytes": mem.growth, "step_s": seconds}
 
 
-def measure(fn: Callable[..., dict], a: argparse.Namespace, *args) -> dict:
-    """Run `fn` here on CUDA (allocator peaks are exact in-process); on CPU in a fresh spawned process so
-    that its resident-set peak is its own (freed memory kept by the allocator would blur it here)."""
+def isolated_step(a: argparse.Namespace, method: str) -> dict:
+    """`train_step` here on CUDA; on CPU in a fresh process, so that its resident-set peak is the step's
+    own (what the protocol left in this process's allocator blurs a figure of about 1 GiB)."""
     if resolve_device(a.device).type == "cuda":
-        return fn(a, *args)
+        return train_step(a, method)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, a, *args).result()
+        return pool.submit(train_step, a, method).result()
 
 
 def extrapolate(a: argparse.Namespace, fast: dict, ref: dict) -> list[tuple]:
@@ -263,7 +268,7 @@ def extrapolate(a: argparse.Namespace, fast: dict, ref: dict) -> list[tuple]:
 
 def report_protocol(a: argparse.Namespace) -> dict:
     """Measure both paths, print the measured and extrapolated table and their peak memory; return the figures."""
-    ref, fast = measure(reference_path, a), measure(fast_path, a)
+    ref, fast = reference_path(a), fast_path(a)
     rows = extrapolate(a, fast, ref)
     print(f"task: {N_TRAIN} train + {N_VAL} val synthetic {RAW_SIZE}x{RAW_SIZE} images, test {a.test_size} measured; "
           f"search grid {a.grid} Adam configs, finals {len(FINAL_SEEDS)} seeds")
@@ -289,7 +294,7 @@ def report_protocol(a: argparse.Namespace) -> dict:
 
 def report_memory(a: argparse.Namespace) -> dict:
     """Measure and print the training-step memory of VQT vs VPT-deep; return the figures."""
-    vqt, vpt = measure(train_step, a, "vqt"), measure(train_step, a, "vpt")
+    vqt, vpt = isolated_step(a, "vqt"), isolated_step(a, "vpt")
     ratio = vqt["peak_bytes"] / vpt["peak_bytes"]
     print(f"\none training step, batch {a.mem_batch}, peak memory above the loaded backbone + images "
           f"(MEASURED, {memory_kind(a, True)}):")
@@ -301,7 +306,7 @@ def report_memory(a: argparse.Namespace) -> dict:
 def memory_kind(a: argparse.Namespace, step: bool) -> str:
     if resolve_device(a.device).type == "cuda":
         return "CUDA max_memory_allocated"
-    return "resident-set high-water mark, a fresh process each" + (", glibc mmap threshold 1 MiB" if step else "")
+    return "resident-set high-water mark" + (", a fresh process each, glibc mmap threshold 1 MiB" if step else "")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from src.configs.defaults import load_cfg
 from src.data.loader import ImageSet
 from src.engine.frozen import FrozenFeatures
 from src.engine.metrics import classification_metrics
-from src.engine.trainer import HEAD_B, HEAD_W, QUERY_KEY, Member, train_members
+from src.engine.trainer import HEAD_B, HEAD_W, QUERY_KEY, Member, _passes, train_members
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
 from src.models.vqt import Members
@@ -137,9 +137,10 @@ def _train(cfg, backbone, images, specs, root, cache=True):
 
 
 def test_grid_training_equals_runs_alone(backbone, images, tmp_path):
-    """Members trained together follow exactly the trajectory each would follow alone (dropout on)."""
+    """Members trained together follow exactly the trajectory each would follow alone (dropout on):
+    two members sharing seed 1's batches, then seeds 2-4 each on its own batches in one fused pass."""
     cfg = _cfg()
-    specs = [(0.01, 0.0, 1), (0.05, 0.01, 1), (0.02, 0.001, 2)]
+    specs = [(0.01, 0.0, 1), (0.05, 0.01, 1), (0.02, 0.001, 2), (0.03, 0.0, 3), (0.01, 0.01, 4)]
     grid_ckpt, grid_res = _train(cfg, backbone, images, specs, tmp_path / "grid")
     for i, spec in enumerate(specs):
         (ckpt,), (res,) = _train(cfg, backbone, images, [spec], tmp_path / f"alone{i}")
@@ -151,6 +152,16 @@ def test_grid_training_equals_runs_alone(backbone, images, tmp_path):
             assert acc == pytest.approx(grid_res[i][e]["classification"]["val_vtab-eurosat"]["top1"], abs=0.051)
     # different seeds give different runs; same seed and hyper-parameters give the same run
     assert not torch.allclose(grid_ckpt[0][HEAD_W], grid_ckpt[2][HEAD_W])
+
+
+def test_seed_groups_of_equal_size_share_a_pass(tmp_path):
+    seeds = [1, 1, 2, 3, 4, 4, 5, 5, 6, 6]
+    members = [Member(RunDir(str(tmp_path / str(i))), 0.1, 0.0, s) for i, s in enumerate(seeds)]
+    passes = _passes(members, torch.device("cpu"), max_groups=2)
+    assert [(p.members.start, p.members.stop) for p in passes] == [(0, 2), (2, 4), (4, 8), (8, 10)]
+    assert [len(p.shuffle_gens) for p in passes] == [1, 2, 2, 1]
+    assert [g.initial_seed() for p in passes for g in p.drop_gens] == seeds
+    assert [g.initial_seed() for p in passes for g in p.shuffle_gens] == [1, 2, 3, 4, 5, 6]
 
 
 def test_training_is_reproducible_and_learns(backbone, images, tmp_path):

@@ -61,6 +61,12 @@ class FrozenFeatures:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's keys/values (all layers, fp32) as `batch` returns them."""
+        bb = self.backbone
+        return bb.depth * 2 * bb.num_tokens * bb.embed_dim * 4
+
     def _storage(self, shape: tuple[int, ...], dtype: torch.dtype, location: str, scratch_dir: str | None):
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         if location == "auto":

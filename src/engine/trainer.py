@@ -2,8 +2,9 @@
 
 Every member is one run of the original protocol (its own lr, weight decay, seed and run folder).
 Members that share a seed share the batch order (as the original's seeded runs would), so one
-frozen-path batch serves them all; members never interact (the loss is a sum of per-member
-losses), so each follows exactly the trajectory it would follow alone.
+frozen-path batch serves them all; seed groups of equal size (the 5 final seeds) train in one pass
+on their stacked batches. Members never interact (the loss is a sum of per-member losses), so each
+follows exactly the trajectory it would follow alone.
 """
 from __future__ import annotations
 
@@ -50,6 +51,43 @@ class TestSet:
 
     size: int
     batches: object
+
+
+@dataclass
+class Pass:
+    """Members trained in one forward/backward per step: `len(shuffle_gens)` seed groups of equal size,
+    each on its own batch (its seed's shuffle), stacked into one batch."""
+
+    members: slice
+    shuffle_gens: list[torch.Generator]
+    drop_gens: list[torch.Generator]  # one per member, seeded with its seed
+
+
+def _passes(members: list[Member], device: torch.device, max_groups: int) -> list[Pass]:
+    """Consecutive seed groups (members sorted by seed) of equal size share a pass, at most `max_groups`."""
+    groups = [(seed, len(list(grp))) for seed, grp in groupby(members, key=lambda m: m.seed)]
+    passes, start = [], 0
+    for size, run in groupby(groups, key=lambda g: g[1]):
+        seeds = [seed for seed, _ in run]
+        for k in range(0, len(seeds), max_groups):
+            chunk = seeds[k:k + max_groups]
+            passes.append(Pass(slice(start, start + size * len(chunk)), [torch.Generator().manual_seed(s) for s in chunk],
+                               [torch.Generator(device=device).manual_seed(s) for s in chunk for _ in range(size)]))
+            start += size * len(chunk)
+    return passes
+
+
+def _pass_loss(model: Members, backbone: VisionTransformer, batch: tuple, p: Pass, lrp_coef: float) -> torch.Tensor:
+    """Per-member training loss (G',) of pass `p` on its stacked batch (seed group j: row block j)."""
+    feat, kvs, y = batch
+    n = len(p.shuffle_gens)
+    logits = model(backbone, feat, kvs, p.members, p.drop_gens, n)
+    m = logits.shape[1]
+    ce = F.cross_entropy(logits.permute(0, 2, 1), y[:, None].expand(-1, m), reduction="none")
+    ce = ce.view(n, -1, m).mean(dim=1).flatten()
+    if lrp_coef > 0:
+        ce = ce + lrp_coef * model.head_weight[p.members].norm(dim=1).sum(dim=1)
+    return ce
 
 
 def build_members(cfg: CfgNode, backbone: VisionTransformer, members: list[Member]) -> Members:
@@ -107,13 +145,8 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
     wd = torch.tensor([m.wd for m in members], device=device)
     active = torch.ones(len(members), dtype=torch.bool, device=device)
 
-    groups = []  # (slice of members, shuffle generator, per-member dropout generators)
-    start = 0
-    for seed, grp in groupby(members, key=lambda m: m.seed):
-        n = len(list(grp))
-        groups.append((slice(start, start + n), torch.Generator().manual_seed(seed),
-                       [torch.Generator(device=device).manual_seed(seed) for _ in range(n)]))
-        start += n
+    bs, epochs = cfg.DATA.BATCH_SIZE, cfg.SOLVER.TOTAL_EPOCH
+    passes = _passes(members, device, max(1, int(cfg.ENGINE.FUSED_KV_GIB * 2 ** 30 // (bs * frozen.row_bytes))))
     if frozen.embed_dropout > 0 and not frozen.cached:
         torch.manual_seed(members[0].seed)
 
@@ -131,7 +164,6 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
                 log(f"Trainable: {shape}, {int(np.prod(shape))}")
     writers = _tensorboard(cfg, members)
 
-    bs, epochs = cfg.DATA.BATCH_SIZE, cfg.SOLVER.TOTAL_EPOCH
     steps = math.ceil(len(train_rows) / bs)
     if cfg.DBG:
         steps = min(steps, 20)
@@ -141,19 +173,15 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
         lr = base_lr * factor
         for m, log in zip(members, logs):
             log(f"Training {epoch + 1} / {epochs} epoch, with learning rate {m.lr * factor}")
-        perms = [torch.randperm(len(train_rows), generator=gen) for _, gen, _ in groups]
+        perms = [[torch.randperm(len(train_rows), generator=gen) for gen in p.shuffle_gens] for p in passes]
         loss_sum = torch.zeros(len(members), device=device)
         for step in range(steps):
             opt.zero_grad()
             losses = []
-            for (sl, _, drop_gens), perm in zip(groups, perms):  # backward per group: its batch is then free
-                feat, kvs, y = frozen.batch(train_rows[perm[step * bs:(step + 1) * bs]], train=True)
-                logits = model(backbone, feat, kvs, sl, drop_gens)
-                ce = F.cross_entropy(logits.permute(0, 2, 1), y[:, None].expand(-1, logits.shape[1]),
-                                     reduction="none").mean(dim=0)
-                if lrp_coef > 0:
-                    ce = ce + lrp_coef * model.head_weight[sl].norm(dim=1).sum(dim=1)
-                torch.where(active[sl] & torch.isfinite(ce), ce, 0.0).sum().backward()
+            for p, pass_perms in zip(passes, perms):  # backward per pass: its batch buffer is then free
+                rows = torch.cat([train_rows[perm[step * bs:(step + 1) * bs]] for perm in pass_perms])
+                ce = _pass_loss(model, backbone, frozen.batch(rows, train=True), p, lrp_coef)
+                torch.where(active[p.members] & torch.isfinite(ce), ce, 0.0).sum().backward()
                 losses.append(ce.detach())
             loss = torch.cat(losses)
             bad = active & ~torch.isfinite(loss)

@@ -59,40 +59,52 @@ class Members(nn.Module):
             self.combine[g].fill_(1.0)
 
     def forward(self, backbone: VisionTransformer, feat: torch.Tensor, kvs: list[KV],
-                members: slice = slice(None), gens: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Frozen-path outputs of a batch -> logits (B, G', C) of the selected members.
+                members: slice = slice(None), gens: list[torch.Generator] | None = None,
+                blocks: int = 1) -> torch.Tensor:
+        """Frozen-path outputs of a batch -> logits (B, G'/blocks, C) of the selected members.
 
-        `gens` given (one per selected member): training mode, query-token dropout drawn from them."""
-        return self.head(self.features(backbone, feat, kvs, members, gens), members)
+        `gens` given (one per selected member): training mode, query-token dropout drawn from them.
+        `blocks` = n splits the batch into n equal row blocks and the selected members into n equal
+        parts: block j is seen only by part j (members that train on different batches, in one pass)."""
+        return self.head(self.features(backbone, feat, kvs, members, gens, blocks), members, blocks)
 
     def features(self, backbone: VisionTransformer, feat: torch.Tensor, kvs: list[KV],
-                 members: slice = slice(None), gens: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Per-block L2-normalised concat of [CLS feature, each layer's query outputs] -> (B, G', F)."""
-        b = feat.shape[0]
-        g = self.head_weight[members].shape[0]
-        blocks = [feat.unsqueeze(1).expand(b, g, -1)]
+                 members: slice = slice(None), gens: list[torch.Generator] | None = None,
+                 blocks: int = 1) -> torch.Tensor:
+        """Per-block L2-normalised concat of [CLS feature, each layer's query outputs] -> (B, G'/blocks, F)."""
+        n, rows = blocks, feat.shape[0]
+        b, m = rows // n, self.head_weight[members].shape[0] // n
+        parts = [feat.unsqueeze(1).expand(rows, m, -1)]
         if self.query_tokens is not None:
             tok = self.query_tokens[members]
             _, depth, q, d = tok.shape
-            tok = tok.transpose(0, 1).reshape(1, depth, g * q, d).expand(b, -1, -1, -1)
+            tok = tok.view(n, 1, m, depth, q, d).transpose(2, 3).reshape(n, 1, depth, m * q, d)
+            tok = tok.expand(n, b, -1, -1, -1).reshape(rows, depth, m * q, d)
             if gens is not None and self.dropout > 0:
-                keep = torch.cat([torch.empty((b, depth, q, d), device=tok.device).bernoulli_(1 - self.dropout, generator=gen)
-                                  for gen in gens], dim=2)
+                keep = [torch.empty((b, depth, q, d), device=tok.device).bernoulli_(1 - self.dropout, generator=gen)
+                        for gen in gens]
+                keep = torch.cat([torch.cat(keep[j * m:(j + 1) * m], dim=2) for j in range(n)])
                 tok = tok * keep / (1 - self.dropout)
             for i, out in enumerate(backbone.query_pass(tok, kvs)):
-                out = out.view(b, g, q, d)
+                out = out.view(rows, m, q, d)
                 if self.pooling:
-                    blocks.append(out.mean(dim=2))
+                    parts.append(out.mean(dim=2))
                 elif self.combine is not None:
-                    blocks.append(torch.einsum("bgqd,gq->bgd", out, self.combine[members, i]))
+                    combine = self.combine[members, i].view(n, m, q)
+                    parts.append(torch.einsum("nbmqd,nmq->nbmd", out.view(n, b, m, q, d), combine).reshape(rows, m, d))
                 else:
-                    blocks.append(out.reshape(b, g, q * d))
+                    parts.append(out.reshape(rows, m, q * d))
         if self.normalize:
-            blocks = [F.normalize(x, dim=-1) for x in blocks]
-        feats = torch.cat(blocks, dim=-1)
+            parts = [F.normalize(x, dim=-1) for x in parts]
+        feats = torch.cat(parts, dim=-1)
         if self.feat_ids is not None:
-            feats = feats.gather(2, self.feat_ids[members].unsqueeze(0).expand(b, -1, -1))
+            ids = self.feat_ids[members].view(n, 1, m, -1).expand(n, b, -1, -1).reshape(rows, m, -1)
+            feats = feats.gather(2, ids)
         return feats
 
-    def head(self, feats: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
-        return torch.einsum("bgf,gcf->bgc", feats, self.head_weight[members]) + self.head_bias[members]
+    def head(self, feats: torch.Tensor, members: slice = slice(None), blocks: int = 1) -> torch.Tensor:
+        rows, m, f = feats.shape
+        weight, bias = self.head_weight[members], self.head_bias[members]
+        c = weight.shape[1]
+        logits = torch.einsum("nbmf,nmcf->nbmc", feats.view(blocks, rows // blocks, m, f), weight.view(blocks, m, c, f))
+        return (logits + bias.view(blocks, 1, m, c)).reshape(rows, m, c)
