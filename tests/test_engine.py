@@ -164,6 +164,13 @@ def test_seed_groups_of_equal_size_share_a_pass(tmp_path):
     assert [g.initial_seed() for p in passes for g in p.shuffle_gens] == [1, 2, 3, 4, 5, 6]
 
 
+def test_max_batch_rows_follows_the_cap(backbone, images):
+    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=False)
+    row_bytes = backbone.depth * 2 * backbone.num_tokens * backbone.embed_dim * 4  # fp32 keys + values
+    assert frozen.max_batch_rows(3.5 * row_bytes / 2 ** 30) == 3
+    assert frozen.max_batch_rows(0.0) == 1
+
+
 def test_training_is_reproducible_and_learns(backbone, images, tmp_path):
     cfg = _cfg(**{"SOLVER.TOTAL_EPOCH": 15, "SOLVER.WARMUP_EPOCH": 2, "MODEL.H2T.DROPOUT": 0.0})
     a, res = _train(cfg, backbone, images, [(0.05, 0.0, 5)], tmp_path / "a")

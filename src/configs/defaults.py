@@ -70,7 +70,8 @@ _C.ENGINE.CACHE = "auto"            # "auto": cache the frozen path unless EMBED
 _C.ENGINE.CACHE_DTYPE = "float32"   # "float32" (exact), "bfloat16" or "float16" (half the memory)
 _C.ENGINE.CACHE_LOCATION = "auto"   # "auto" (device if it fits, else RAM, else a disk memmap), "device", "cpu", "disk"
 _C.ENGINE.GRID = True               # train all configs of a phase at once on the shared cache
-_C.ENGINE.FUSED_KV_GIB = 10.0       # seed groups (each on its own batches) share a pass up to this many GiB of keys/values
+_C.ENGINE.FUSED_KV_GIB = 10.0       # seed groups (each on its own batches) share a pass while their keys/values
+                                    # stay under this many GiB (and 40 % of the free device memory)
 _C.ENGINE.EVAL_BATCH_SIZE = 128     # images per frozen pass (cache build, test streaming)
 _C.ENGINE.TENSORBOARD = False       # write loss / lr / val top-1 scalars to <run>/tb
 

@@ -61,11 +61,13 @@ class FrozenFeatures:
     def __len__(self) -> int:
         return len(self.images)
 
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one row's keys/values (all layers, fp32) as `batch` returns them."""
+    def max_batch_rows(self, cap_gib: float) -> int:
+        """Most rows one `batch` call should ask for: their fp32 keys/values within `cap_gib` GiB and
+        40 % of the memory now free on the device."""
         bb = self.backbone
-        return bb.depth * 2 * bb.num_tokens * bb.embed_dim * 4
+        row_bytes = bb.depth * 2 * bb.num_tokens * bb.embed_dim * 4
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else _available_ram()
+        return max(1, int(min(cap_gib * 2 ** 30, 0.4 * free) // row_bytes))
 
     def _storage(self, shape: tuple[int, ...], dtype: torch.dtype, location: str, scratch_dir: str | None):
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()

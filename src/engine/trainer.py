@@ -146,7 +146,7 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
     active = torch.ones(len(members), dtype=torch.bool, device=device)
 
     bs, epochs = cfg.DATA.BATCH_SIZE, cfg.SOLVER.TOTAL_EPOCH
-    passes = _passes(members, device, max(1, int(cfg.ENGINE.FUSED_KV_GIB * 2 ** 30 // (bs * frozen.row_bytes))))
+    passes = _passes(members, device, max(1, frozen.max_batch_rows(cfg.ENGINE.FUSED_KV_GIB) // bs))
     if frozen.embed_dropout > 0 and not frozen.cached:
         torch.manual_seed(members[0].seed)
 
