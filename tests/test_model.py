@@ -23,6 +23,7 @@ from src.models.checkpoints import (
     write_random_npz,
 )
 from src.models.vit import VisionTransformer
+from src.models.vqt import Members, feature_dim
 
 IMG = 32
 WRITERS = {"npz": write_random_npz, "mae": write_random_mae, "moco": write_random_moco}
@@ -119,6 +120,30 @@ def test_frozen_path_has_no_grad_path_to_queries(tmp_path, tiny_arch):
     (grad,) = torch.autograd.grad(sum(o.square().sum() for o in outs), tokens)
     assert grad.abs().amin(dim=(0, 2, 3)).gt(0).all()  # every layer's tokens reach the output
     torch.testing.assert_close(ours.frozen_pass(x)[0], feat, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", ["concat", "pooling", "weighted_sum", "feat_ids"])
+def test_pass_over_row_blocks_equals_one_pass_per_block(tmp_path, tiny_arch, option):
+    """`blocks=n`: row block j, seen only by member part j, gets the logits part j gives it alone."""
+    ours, _ = _pair(tmp_path, tiny_arch, "npz")
+    n, m, q, d, depth, b = 3, 2, 2, tiny_arch.embed_dim, tiny_arch.depth, 4
+    full = feature_dim(d, depth, q, 1 if option in ("pooling", "weighted_sum") else q)
+    ids = torch.stack([torch.randperm(full, generator=torch.Generator().manual_seed(g))[:full // 2]
+                       for g in range(n * m)]) if option == "feat_ids" else None
+    model = Members(n * m, depth, d, tiny_arch.patch_size, q, 5, pooling=option == "pooling",
+                    weighted_sum=option == "weighted_sum", feat_ids=ids)
+    for g in range(n * m):
+        model.init_member(g, seed=g)
+    if model.combine is not None:
+        with torch.no_grad():
+            model.combine.uniform_(0.5, 1.5)
+    feat, kvs = ours.frozen_pass(_images(n * b))
+    fused = model(ours, feat, kvs, blocks=n)
+    assert fused.shape == (n * b, m, 5)
+    for j in range(n):
+        rows = slice(j * b, (j + 1) * b)
+        alone = model(ours, feat[rows], [(k[rows], v[rows]) for k, v in kvs], slice(j * m, (j + 1) * m))
+        torch.testing.assert_close(fused[rows], alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["npz", "mae", "moco"])
