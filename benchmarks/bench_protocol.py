@@ -195,8 +195,7 @@ def vpt_deep_logits(backbone: VisionTransformer, x: torch.Tensor, prompts: torch
                     head: nn.Linear) -> torch.Tensor:
     """VPT-deep: layer i's P prompt tokens replace the previous prompt outputs after CLS; the frozen blocks
     attend over [CLS, prompts, patches], so gradients flow back through every layer."""
-    x = backbone.patch_embed(x)
-    x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + backbone.pos_embed
+    x = backbone.embed(x)
     p = prompts.shape[1]
     for i, blk in enumerate(backbone.blocks):
         patches = x[:, 1 + p:] if i else x[:, 1:]

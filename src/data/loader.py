@@ -126,7 +126,8 @@ def _num_examples(builder, expr: str) -> int:
                        "the data is incomplete or too small for VTAB-1k: re-prepare it with scripts/prepare_vtab.py") from None
 
 
-def _check_classes(cfg, task: VTABTask) -> None:
+def check_classes(cfg, task: VTABTask) -> None:
+    """DATA.NUMBER_CLASSES must be the task's class count."""
     if cfg.DATA.NUMBER_CLASSES != task.num_classes:
         raise VQTError(f"DATA.NUMBER_CLASSES is {cfg.DATA.NUMBER_CLASSES} but {task.name} has {task.num_classes} "
                        f"classes: set DATA.NUMBER_CLASSES {task.num_classes}")
@@ -200,7 +201,7 @@ def _read_images(entries: list[tuple[str, int]], workers: int, chunk: int = 256)
 
 def _source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
     task = get_task(cfg.DATA.NAME)
-    _check_classes(cfg, task)
+    check_classes(cfg, task)
     if split not in SPLITS:
         raise VQTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if cfg.DATA.SOURCE == "tfds":

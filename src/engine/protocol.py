@@ -11,7 +11,7 @@ import torch
 from yacs.config import CfgNode
 
 from src.configs.vit_configs import zoo_entry
-from src.data.loader import ImageSet, load_split, stream_split
+from src.data.loader import ImageSet, check_classes, load_split, stream_split
 from src.data.tasks import get_task
 from src.engine.frozen import FrozenFeatures
 from src.engine.trainer import HEAD_W, QUERY_KEY, Member, TestSet, train_members
@@ -84,10 +84,7 @@ class Task:
     """What one task's runs share: the backbone, the train800 + val200 images and their frozen path."""
 
     def __init__(self, cfg: CfgNode):
-        task = get_task(cfg.DATA.NAME)
-        if cfg.DATA.NUMBER_CLASSES != task.num_classes:
-            raise VQTError(f"DATA.NUMBER_CLASSES is {cfg.DATA.NUMBER_CLASSES} but {task.name} has "
-                           f"{task.num_classes} classes; pass DATA.NUMBER_CLASSES {task.num_classes}")
+        check_classes(cfg, get_task(cfg.DATA.NAME))
         entry = zoo_entry(cfg.DATA.FEATURE)
         self.cfg = cfg
         self.device = resolve_device(cfg.DEVICE)
@@ -118,7 +115,7 @@ class Task:
             self._frozen = FrozenFeatures(self.backbone, images, self.cfg.DATA.CROPSIZE, self.device,
                                           cache=self.cache, embed_dropout=self.embed_dropout, dtype=e.CACHE_DTYPE,
                                           location=e.CACHE_LOCATION, batch_size=e.EVAL_BATCH_SIZE,
-                                          scratch_dir=os.path.join(self.cfg.OUTPUT_DIR + "_cache"))
+                                          scratch_dir=self.cfg.OUTPUT_DIR + "_cache")
             self.n_train = len(train)
         return self._frozen
 
@@ -169,10 +166,14 @@ def _search(task: Task, cfg: CfgNode, arch_feats: str) -> None:
         task.train(members, "train800", test=False, save_ckpt=False, desc="search")
 
 
+def _final_run(cfg: CfgNode, lr: float, wd: float, k: int) -> RunDir:
+    """Folder of final seed k (0-based)."""
+    return RunDir(os.path.join(hp_dir(cfg, "_final", lr, wd), f"run{k + 1}"))
+
+
 def _finals(task: Task, cfg: CfgNode) -> list[Member]:
     lr, wd = find_best_lrwd(cfg)
-    members = [Member(RunDir(os.path.join(hp_dir(cfg, "_final", lr, wd), f"run{k + 1}")), lr, wd, seed)
-               for k, seed in enumerate(FINAL_SEEDS)]
+    members = [Member(_final_run(cfg, lr, wd, k), lr, wd, seed) for k, seed in enumerate(FINAL_SEEDS)]
     with TaskLock(task_dir(cfg, "_final")):
         return task.train(members, "train800val200", test=True, save_ckpt=True, desc="final")
 
@@ -206,7 +207,7 @@ def _sparse(task: Task, cfg: CfgNode, mode: str) -> list[Member]:
         if run.done is not None:
             members.append(Member(run, 0.5 * lr, wd, seed))
             continue
-        final = _load_ckpt(RunDir(os.path.join(hp_dir(cfg, "_final", lr, wd), f"run{k + 1}")), "final")
+        final = _load_ckpt(_final_run(cfg, lr, wd, k), "final")
         ids = None
         if mode == "featselect":
             head = _load_ckpt(RunDir(os.path.join(base, "compress", f"run{k + 1}")), "compress")[HEAD_W]

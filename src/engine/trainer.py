@@ -194,7 +194,7 @@ def train_members(cfg: CfgNode, backbone: VisionTransformer, frozen: FrozenFeatu
             if not active.any():
                 break
             opt.step(lr, wd, active)
-            loss_sum += loss.detach().nan_to_num()
+            loss_sum += loss.nan_to_num()
             if (step + 1) % cfg.SOLVER.LOG_EVERY_N == 0:
                 for g, log in enumerate(logs):
                     log(f"\tTraining {step + 1}/{steps}. train loss: {loss[g].item():.4f}")

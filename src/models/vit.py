@@ -113,13 +113,17 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.arch.embed_dim
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> CLS + patch tokens with position embeddings (B, T, D)."""
+        x = self.patch_embed(x)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
     def frozen_pass(self, x: torch.Tensor, embed_dropout: float = 0.0) -> tuple[torch.Tensor, list[KV]]:
         """Images (B, 3, H, W) -> (final feature (B, D), per-layer keys/values).
 
         `embed_dropout` > 0 applies dropout to patch+position embeddings, as the original does
         during training (then the pass is random and cannot be cached exactly)."""
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.embed(x)
         if embed_dropout > 0:
             x = F.dropout(x, embed_dropout, training=True)
         kvs = []
