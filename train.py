@@ -20,8 +20,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dont_search", "--dont-search", action="store_true", help="skip the lr x wd search")
     p.add_argument("--arch_feats", "--arch-feats", default="",
                    help="sup_vitl16_imagenet21k / sup_vith14_imagenet21k select the smaller Adam grid")
-    p.add_argument("--sparse-mode", "--h2t_sparse_mode", dest="sparse_mode", default="",
-                   choices=["", "compress", "featselect"], help="run one classifier-compression stage")
+    p.add_argument("--lr", type=float, default=None, help="train the final runs at this lr (no search); "
+                   "same as SOLVER.BASE_LR, needs --wd")
+    p.add_argument("--wd", type=float, default=None, help="weight decay for --lr; same as SOLVER.WEIGHT_DECAY")
+    p.add_argument("--sparse-mode", "--h2t_sparse_mode", dest="sparse_mode", default=None,
+                   choices=["compress", "featselect"], help="run one classifier-compression stage")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p.parse_args(argv)
 
@@ -34,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.train_type != "h2t-prompt":
         raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
-    cfg = load_cfg(args.config_file, args.opts)
+    explicit = [x for key, v in (("SOLVER.BASE_LR", args.lr), ("SOLVER.WEIGHT_DECAY", args.wd)) if v is not None
+                for x in (key, repr(v))]
+    cfg = load_cfg(args.config_file, args.opts + explicit)
     if args.optimizer is not None and args.optimizer != cfg.SOLVER.OPTIMIZER:
         raise VQTError(f"--optimizer {args.optimizer} differs from SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER}")
     cfg.freeze()

@@ -38,13 +38,16 @@ from src.configs.defaults import load_cfg
 from src.configs.vit_configs import VIT_B16, ViTArch
 from src.data.loader import ImageSet
 from src.data.preprocess import preprocess
+from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
-from src.engine.protocol import FINAL_SEEDS, SEARCH_SEED, lr_wd_grid, resolve_device
-from src.engine.trainer import Member, TestSet, train_members
+from src.engine.grid import fit_grid
+from src.engine.protocol import FINAL_SEEDS, lr_wd_grid, resolve_device
+from src.engine.record import RunRecord
+from src.engine.runs import Recipe, Run, TaskData, TestStream
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
-from src.models.vqt import Members
-from src.utils.rundir import RunDir
+from src.models.vqt import VQT, Members, QuerySpec
+from src.utils.layout import Layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = {"tiny": ViTArch(16, 192, 12, 3, 768), "b16": VIT_B16}  # tiny: ViT-Ti/16 shapes
@@ -129,20 +132,45 @@ def make_cfg(a: argparse.Namespace, out: str) -> CfgNode:
     return load_cfg(os.path.join(REPO, "configs/h2t-prompt/vtab.yaml"), [str(x) for kv in opts.items() for x in kv])
 
 
-def search_members(a: argparse.Namespace, out: str, n: int) -> list[Member]:
+def search_runs(cfg: CfgNode, n: int) -> list[Run]:
     """The first `n` configs of the paper's Adam grid (cycled), lr scaled to the batch size as the protocol does."""
     grid = itertools.islice(itertools.cycle(itertools.product(*lr_wd_grid("adam"))), n)
-    return [Member(RunDir(f"{out}/search/{i}"), lr / 256 * a.batch_size, wd, SEARCH_SEED)
+    scale, layout = cfg.DATA.BATCH_SIZE / 256, Layout.from_cfg(cfg)
+    return [Run(layout.run("search", lr * scale, wd, i // 20 + 1), lr * scale, wd, cfg.SEED)
             for i, (lr, wd) in enumerate(grid)]
 
 
-def final_members(a: argparse.Namespace, out: str, n: int) -> list[Member]:
+def final_runs(cfg: CfgNode, n: int) -> list[Run]:
     """The first `n` final seeds, all with the first search config (the pick does not change the cost)."""
-    best = search_members(a, out, 1)[0]
-    return [Member(RunDir(f"{out}/final/{k}"), best.lr, best.wd, seed) for k, seed in enumerate(FINAL_SEEDS[:n])]
+    best = search_runs(cfg, 1)[0]
+    return [Run(Layout.from_cfg(cfg).run("final", best.lr, best.wd, k + 1), best.lr, best.wd, seed)
+            for k, seed in enumerate(FINAL_SEEDS[:n])]
 
 
-def timed_test(a: argparse.Namespace, laps: list[float]) -> TestSet:
+def task_data(a: argparse.Namespace, images: ImageSet, device: torch.device, train: int,
+              test: TestStream | None = None) -> TaskData:
+    """train800 (or train800val200: `train` rows) and val200 of `images`, and the test stream if any."""
+    return TaskData(images, torch.arange(train), torch.arange(N_TRAIN, len(images)), a.img_size, device,
+                    None if test is None else lambda: test)
+
+
+def train_grid(cfg: CfgNode, frozen: FrozenFeatures, runs: list[Run], data: TaskData, save_ckpt: bool) -> None:
+    """The stacked engine, as the protocol runs a phase."""
+    jobs = [(r, RunRecord(r, cfg, save_ckpt=save_ckpt)) for r in runs]
+    ckpts = fit_grid(QuerySpec.from_cfg(cfg), frozen, jobs, Recipe.from_cfg(cfg), data, cfg.ENGINE.FUSED_KV_GIB)
+    for (_, record), ckpt in zip(jobs, ckpts):
+        record.finish(ckpt)
+
+
+def train_reference(cfg: CfgNode, backbone: VisionTransformer, runs: list[Run], data: TaskData, save_ckpt: bool) -> None:
+    """The reference loop (ENGINE.GRID False): each run alone, backbone at every step."""
+    for r in runs:
+        model, record = VQT(backbone, QuerySpec.from_cfg(cfg)), RunRecord(r, cfg, save_ckpt=save_ckpt)
+        fit(model, r, Recipe.from_cfg(cfg), data, record)
+        record.finish(model.trained_state())
+
+
+def timed_test(a: argparse.Namespace, laps: list[float]) -> TestStream:
     """The synthetic test set as a stream; appends the time from its first batch request to its end to `laps`."""
     test = synthetic(a.test_size, a.classes, 2)
 
@@ -151,23 +179,22 @@ def timed_test(a: argparse.Namespace, laps: list[float]) -> TestSet:
         for i in range(0, len(test), a.batch_size):
             yield test.images[i:i + a.batch_size], test.labels[i:i + a.batch_size]
         laps.append(time.perf_counter() - start)
-    return TestSet(len(test), batches())
+    return TestStream(len(test), batches())
 
 
 def fast_path(a: argparse.Namespace) -> dict:
     """Cached frozen pass, the whole search grid together, the 5 finals together with the test streamed once."""
     device, backbone, images = setup(a)
-    rows, test_s = torch.arange(len(images)), []
+    test_s = []
     with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
         cfg, clock = make_cfg(a, out), Clock(device)
         frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=True, dtype=a.cache_dtype,
                                 batch_size=a.batch_size)
         build = clock.lap()
-        train_members(cfg, backbone, frozen, search_members(a, out, a.grid), rows[:N_TRAIN], rows[N_TRAIN:],
-                      desc="fast search")
+        train_grid(cfg, frozen, search_runs(cfg, a.grid), task_data(a, images, device, N_TRAIN), False)
         search = clock.lap()
-        train_members(cfg, backbone, frozen, final_members(a, out, len(FINAL_SEEDS)), rows, rows[N_TRAIN:],
-                      test=timed_test(a, test_s), save_ckpt=True, desc="fast finals")
+        train_grid(cfg, frozen, final_runs(cfg, len(FINAL_SEEDS)),
+                   task_data(a, images, device, len(images), timed_test(a, test_s)), True)
         finals = clock.lap()
         cache_bytes = frozen.kv.numel() * frozen.kv.element_size()
         frozen.close()
@@ -176,17 +203,15 @@ def fast_path(a: argparse.Namespace) -> dict:
 
 
 def reference_path(a: argparse.Namespace) -> dict:
-    """Backbone at every step, one config per train_members call: `--ref-configs` search configs and one final."""
+    """The reference loop (backbone at every step, one run at a time): `--ref-configs` search configs and one final."""
     device, backbone, images = setup(a)
-    rows, test_s = torch.arange(len(images)), []
+    test_s = []
     with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
         cfg, clock = make_cfg(a, out), Clock(device)
-        frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
-        for m in search_members(a, out, a.ref_configs):
-            train_members(cfg, backbone, frozen, [m], rows[:N_TRAIN], rows[N_TRAIN:], desc="reference search")
+        train_reference(cfg, backbone, search_runs(cfg, a.ref_configs), task_data(a, images, device, N_TRAIN), False)
         search = clock.lap()
-        train_members(cfg, backbone, frozen, final_members(a, out, 1), rows, rows[N_TRAIN:],
-                      test=timed_test(a, test_s), save_ckpt=True, desc="reference final")
+        train_reference(cfg, backbone, final_runs(cfg, 1),
+                        task_data(a, images, device, len(images), timed_test(a, test_s)), True)
         finals = clock.lap()
     return {"search_s": search, "finals_train_s": finals - test_s[0], "test_s": test_s[0], "peak_bytes": mem.growth}
 
@@ -210,9 +235,8 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
     d = backbone.embed_dim
     if method == "vqt":
         frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
-        model = Members(1, backbone.depth, d, backbone.arch.patch_size, a.q, a.classes, dropout=0.1)
-        model.init_member(0, SEARCH_SEED)
-        model, gens = model.to(device), [torch.Generator(device=device).manual_seed(0)]
+        model = Members(backbone, QuerySpec(a.q, a.classes, dropout=0.1), [0]).to(device)
+        model.reset(device)
     else:
         prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
         head = nn.Linear(d, a.classes).to(device)
@@ -221,8 +245,8 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
     with PeakMemory(device) as mem:
         clock = Clock(device)
         if method == "vqt":
-            feat, kvs, y = frozen.batch(idx, train=True)  # frozen pass under no_grad, as the uncached path
-            logits = model(backbone, feat, kvs, gens=gens)[:, 0]
+            feat, kvs, y = frozen.batch(idx)  # frozen pass under no_grad, as the uncached path
+            logits = model(feat, kvs, train=True)[:, 0]
         else:
             x = preprocess([images.images[i] for i in idx.tolist()], a.img_size, device)
             y = torch.as_tensor(images.labels[idx.numpy()], device=device)

@@ -1,5 +1,5 @@
-"""Engine: stacked optimizer vs torch.optim, schedule, cached vs uncached frozen path, grid training
-vs runs alone, divergence bookkeeping, metrics."""
+"""Engine: stacked optimizer vs torch.optim, schedule, cached vs uncached frozen path, divergence
+bookkeeping, metrics (grid vs reference training: tests/test_grid.py)."""
 from __future__ import annotations
 
 import itertools
@@ -11,14 +11,16 @@ import torch
 from src.configs.defaults import load_cfg
 from src.data.loader import ImageSet
 from src.engine.frozen import FrozenFeatures
+from src.engine.grid import fit_grid
 from src.engine.metrics import classification_metrics
-from src.engine.trainer import HEAD_B, HEAD_W, QUERY_KEY, Member, _passes, train_members
+from src.engine.record import RunRecord
+from src.engine.runs import Recipe, Run, TaskData
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
-from src.models.vqt import Members
+from src.models.vqt import Members, QuerySpec
 from src.solver.optim import StackedOptimizer
 from src.solver.schedule import lr_factor
-from src.utils.rundir import RunDir
+from src.utils.layout import RunDir
 
 
 @pytest.fixture
@@ -88,11 +90,10 @@ def test_cached_and_uncached_paths_agree(backbone, images):
     outs = []
     for cache in (True, False):
         frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=cache, batch_size=16)
-        model = Members(2, backbone.depth, backbone.embed_dim, 8, 3, 4)
-        for g in range(2):
-            model.init_member(g, seed=7 + g)
-        feat, kvs, labels = frozen.batch(idx, train=True)
-        logits = model(backbone, feat, kvs)
+        model = Members(backbone, QuerySpec(3, 4), [7, 8])
+        model.reset(torch.device("cpu"))
+        feat, kvs, labels = frozen.batch(idx)
+        logits = model(feat, kvs)
         torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, 2)).backward()
         outs.append((logits.detach(), model.query_tokens.grad, model.head_weight.grad, model.head_bias.grad))
         # only query tokens and heads are trained: nothing reaches the frozen backbone
@@ -109,7 +110,7 @@ def test_cached_batches_hold_the_cache_rows(backbone, images, dtype):
     ref = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, batch_size=16)
     frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, dtype=dtype, batch_size=16)
     for idx in (torch.arange(20), torch.tensor([5, 3, 59]), torch.arange(59, 30, -3)):
-        feat, kvs, labels = frozen.batch(idx, train=False)
+        feat, kvs, labels = frozen.batch(idx)
         assert torch.equal(feat, ref.feat[idx]) and torch.equal(labels, ref.labels[idx])
         for i, pair in enumerate(kvs):
             for j, x in enumerate(pair):
@@ -122,7 +123,7 @@ def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
     mem = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="cpu")
     disk = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk",
                           scratch_dir=str(tmp_path / "cache"))
-    (fa, ka, _), (fb, kb, _) = mem.batch(idx, False), disk.batch(idx, False)
+    (fa, ka, _), (fb, kb, _) = mem.batch(idx), disk.batch(idx)
     assert torch.equal(fa, fb) and all(torch.equal(x, y) for p, q in zip(ka, kb) for x, y in zip(p, q))
     disk.close()
     assert not list((tmp_path / "cache").iterdir())
@@ -130,38 +131,13 @@ def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
 
 def _train(cfg, backbone, images, specs, root, cache=True):
     frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=cache)
-    members = [Member(RunDir(str(root / f"m{i}")), lr, wd, seed) for i, (lr, wd, seed) in enumerate(specs)]
-    train_members(cfg, backbone, frozen, members, torch.arange(40), torch.arange(40, 60), save_ckpt=True)
-    return [torch.load(m.run.file("last_model.pth"), weights_only=True)["model"] for m in members], \
-        [torch.load(m.run.file("eval_results.pth"), weights_only=True) for m in members]
-
-
-def test_grid_training_equals_runs_alone(backbone, images, tmp_path):
-    """Members trained together follow exactly the trajectory each would follow alone (dropout on):
-    two members sharing seed 1's batches, then seeds 2-4 each on its own batches in one fused pass."""
-    cfg = _cfg()
-    specs = [(0.01, 0.0, 1), (0.05, 0.01, 1), (0.02, 0.001, 2), (0.03, 0.0, 3), (0.01, 0.01, 4)]
-    grid_ckpt, grid_res = _train(cfg, backbone, images, specs, tmp_path / "grid")
-    for i, spec in enumerate(specs):
-        (ckpt,), (res,) = _train(cfg, backbone, images, [spec], tmp_path / f"alone{i}")
-        for key in (QUERY_KEY, HEAD_W, HEAD_B):
-            torch.testing.assert_close(grid_ckpt[i][key], ckpt[key], atol=1e-5, rtol=1e-5)
-        assert res.keys() == grid_res[i].keys() == {"epoch_0", "epoch_1", "epoch_2"}
-        for e in res:
-            acc = res[e]["classification"]["val_vtab-eurosat"]["top1"]
-            assert acc == pytest.approx(grid_res[i][e]["classification"]["val_vtab-eurosat"]["top1"], abs=0.051)
-    # different seeds give different runs; same seed and hyper-parameters give the same run
-    assert not torch.allclose(grid_ckpt[0][HEAD_W], grid_ckpt[2][HEAD_W])
-
-
-def test_seed_groups_of_equal_size_share_a_pass(tmp_path):
-    seeds = [1, 1, 2, 3, 4, 4, 5, 5, 6, 6]
-    members = [Member(RunDir(str(tmp_path / str(i))), 0.1, 0.0, s) for i, s in enumerate(seeds)]
-    passes = _passes(members, torch.device("cpu"), max_groups=2)
-    assert [(p.members.start, p.members.stop) for p in passes] == [(0, 2), (2, 4), (4, 8), (8, 10)]
-    assert [len(p.shuffle_gens) for p in passes] == [1, 2, 2, 1]
-    assert [g.initial_seed() for p in passes for g in p.drop_gens] == seeds
-    assert [g.initial_seed() for p in passes for g in p.shuffle_gens] == [1, 2, 3, 4, 5, 6]
+    runs = [Run(RunDir(str(root / f"m{i}")), lr, wd, seed) for i, (lr, wd, seed) in enumerate(specs)]
+    jobs = [(r, RunRecord(r, cfg, save_ckpt=True)) for r in runs]
+    data = TaskData(images, torch.arange(40), torch.arange(40, 60), 32, torch.device("cpu"))
+    for (_, rec), ckpt in zip(jobs, fit_grid(QuerySpec.from_cfg(cfg), frozen, jobs, Recipe.from_cfg(cfg), data, 10.0)):
+        rec.finish(ckpt)
+    return [r.dir.load_checkpoint()["model"] for r in runs if r.dir.done["status"] == "ok"], \
+        [r.dir.load_results() for r in runs]
 
 
 def test_max_batch_rows_follows_the_cap(backbone, images):
@@ -183,9 +159,9 @@ def test_training_is_reproducible_and_learns(backbone, images, tmp_path):
 
 def test_diverged_member_is_recorded_and_others_finish(backbone, images, tmp_path):
     cfg = _cfg()
-    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True)
-    members = [Member(RunDir(str(tmp_path / "ok")), 0.01, 0.0, 1), Member(RunDir(str(tmp_path / "nan")), 1e38, 0.0, 1)]
-    train_members(cfg, backbone, frozen, members, torch.arange(40), torch.arange(40, 60))
+    _train(cfg, backbone, images, [(0.01, 0.0, 1), (1e38, 0.0, 1)], tmp_path)
+    (tmp_path / "m0").rename(tmp_path / "ok")
+    (tmp_path / "m1").rename(tmp_path / "nan")
     ok, bad = (RunDir(str(tmp_path / n)).done for n in ("ok", "nan"))
     assert ok["status"] == "ok" and ok["epochs"] == 3
     assert bad["status"] == "diverged" and "loss is" in bad["message"]

@@ -23,7 +23,7 @@ from src.models.checkpoints import (
     write_random_npz,
 )
 from src.models.vit import VisionTransformer
-from src.models.vqt import Members, feature_dim
+from src.models.vqt import Members, QuerySpec
 
 IMG = 32
 WRITERS = {"npz": write_random_npz, "mae": write_random_mae, "moco": write_random_moco}
@@ -127,22 +127,21 @@ def test_pass_over_row_blocks_equals_one_pass_per_block(tmp_path, tiny_arch, opt
     """`blocks=n`: row block j, seen only by member part j, gets the logits part j gives it alone."""
     ours, _ = _pair(tmp_path, tiny_arch, "npz")
     n, m, q, d, depth, b = 3, 2, 2, tiny_arch.embed_dim, tiny_arch.depth, 4
-    full = feature_dim(d, depth, q, 1 if option in ("pooling", "weighted_sum") else q)
+    spec = QuerySpec(q, 5, pooling=option == "pooling", weighted_sum=option == "weighted_sum")
+    full = spec.feature_dim(d, depth)
     ids = torch.stack([torch.randperm(full, generator=torch.Generator().manual_seed(g))[:full // 2]
                        for g in range(n * m)]) if option == "feat_ids" else None
-    model = Members(n * m, depth, d, tiny_arch.patch_size, q, 5, pooling=option == "pooling",
-                    weighted_sum=option == "weighted_sum", feat_ids=ids)
-    for g in range(n * m):
-        model.init_member(g, seed=g)
+    model = Members(ours, spec, list(range(n * m)), feat_ids=ids)
+    model.reset(torch.device("cpu"))
     if model.combine is not None:
         with torch.no_grad():
             model.combine.uniform_(0.5, 1.5)
     feat, kvs = ours.frozen_pass(_images(n * b))
-    fused = model(ours, feat, kvs, blocks=n)
+    fused = model(feat, kvs, blocks=n)
     assert fused.shape == (n * b, m, 5)
     for j in range(n):
         rows = slice(j * b, (j + 1) * b)
-        alone = model(ours, feat[rows], [(k[rows], v[rows]) for k, v in kvs], slice(j * m, (j + 1) * m))
+        alone = model(feat[rows], [(k[rows], v[rows]) for k, v in kvs], slice(j * m, (j + 1) * m))
         torch.testing.assert_close(fused[rows], alone, atol=1e-5, rtol=1e-5)
 
 

@@ -15,9 +15,9 @@ import train
 from src.configs.vit_configs import VIT_DEMO
 from src.data.synthetic import write_fake_tfds
 from src.engine.protocol import FINAL_SEEDS
-from src.engine.trainer import HEAD_W, QUERY_KEY
 from src.models.checkpoints import write_random_npz
-from src.models.vqt import feature_dim
+from src.models.vqt import HEAD_W, QUERY_KEY, QuerySpec
+from src.utils.layout import PHASES, Layout
 from src.utils.sweep import DEMO_TASKS
 
 NAME = "vtab-eurosat"
@@ -41,8 +41,12 @@ def _args(assets, out, *flags, over=()):
             *[str(x) for kv in opts.items() for x in kv], *over]
 
 
+def _task_dir(out, suffix):
+    return Layout(out, NAME, "demo_vit_tiny", 128).task_dir({v: k for k, v in PHASES.items()}[suffix])
+
+
 def _runs(out, suffix):
-    base = os.path.join(f"{out}{suffix}", NAME, "demo_vit_tiny")
+    base = _task_dir(out, suffix)
     return sorted(os.path.relpath(os.path.join(d), base) for d, _, files in os.walk(base) if "DONE" in files)
 
 
@@ -62,7 +66,7 @@ def test_search_then_finals(finished):
     assert len(search) == 20
     assert {s.split("/")[0] for s in search} == {f"lr{lr}_wd{wd}_bs128" for lr in (0.5, 0.25, 0.125, 0.05, 0.025)
                                                  for wd in (0.01, 0.001, 0.0001, 0.0)}
-    base = os.path.join(f"{finished}_val", NAME, "demo_vit_tiny")
+    base = _task_dir(finished, "_val")
     scores = {}
     for s in search:
         lr, wd = map(float, re.match(r"lr(.+)_wd(.+)_bs128", s.split("/")[0]).groups())
@@ -75,7 +79,7 @@ def test_search_then_finals(finished):
     finals = _runs(finished, "_final")
     assert [f.split("/")[1] for f in finals] == [f"run{k}" for k in range(1, 6)]
     assert len({f.split("/")[0] for f in finals}) == 1 and finals[0].startswith(f"lr{best_lr}_wd")
-    run = os.path.join(f"{finished}_final", NAME, "demo_vit_tiny", finals[0])
+    run = os.path.join(_task_dir(finished, "_final"), finals[0])
     res = _results(run)
     last = res["epoch_2"]["classification"]
     assert set(last) == {"val_" + NAME, "test_" + NAME} and set(last["test_" + NAME]) == {"top1", "top5"}
@@ -89,7 +93,7 @@ def test_search_then_finals(finished):
 
 
 def test_interrupted_run_is_redone_and_done_runs_are_kept(assets, finished):
-    final = os.path.join(f"{finished}_final", NAME, "demo_vit_tiny")
+    final = _task_dir(finished, "_final")
     runs = sorted(os.path.join(final, r) for r in _runs(finished, "_final"))
     stamps = {r: os.path.getmtime(os.path.join(r, "eval_results.pth")) for r in runs}
     os.remove(os.path.join(runs[2], "DONE"))
@@ -114,10 +118,10 @@ def test_compress_then_featselect(assets, finished, capsys):
     assert hp == {_runs(finished, "_final")[0].split("/")[0]}  # the un-halved best lr in the folder name
     assert sorted(r.split("/", 1)[1] for r in runs) == sorted(
         [f"compress/run{k}" for k in range(1, 6)] + [f"keep_frac_0.7/run{k}" for k in range(1, 6)])
-    base = os.path.join(f"{finished}_sparsefinal", NAME, "demo_vit_tiny", hp.pop())
-    final_dir = os.path.join(f"{finished}_final", NAME, "demo_vit_tiny", _runs(finished, "_final")[0].split("/")[0])
+    base = os.path.join(_task_dir(finished, "_sparsefinal"), hp.pop())
+    final_dir = os.path.join(_task_dir(finished, "_final"), _runs(finished, "_final")[0].split("/")[0])
     lr = float(re.match(r"lr(.+?)_", os.path.basename(base)).group(1))
-    full = feature_dim(64, 4, 2, 2)
+    full = QuerySpec(2, 10).feature_dim(64, 4)
     for k in range(1, len(FINAL_SEEDS) + 1):
         final = torch.load(os.path.join(final_dir, f"run{k}", "last_model.pth"), weights_only=True)["model"]
         comp = torch.load(os.path.join(base, "compress", f"run{k}", "last_model.pth"), weights_only=True)

@@ -8,46 +8,47 @@ from yacs.config import CfgNode
 from src.errors import VQTError
 
 _C = CfgNode()
-_C.DBG = False                      # log shapes and stop each epoch after 20 batches
+_C.DBG = False                      # a quick check of the pipeline: at most 20 training steps per epoch
 _C.OUTPUT_DIR = "./output"          # experiment root; the protocol adds _val/_final/_sparsefinal
-_C.RUN_N_TIMES = 5                  # kept for config compatibility with VPT (final seeds are fixed)
-_C.SEED = None                      # seed of a single run; the protocol sets it per run
+_C.SEED = 100                       # seed of the search runs (the original's); final runs use 42, 44, 82, 100, 800
 _C.DEVICE = "auto"                  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-_C.CUDNN_BENCHMARK = False
-_C.NUM_GPUS = 1
-_C.NUM_SHARDS = 1
+_C.CUDNN_BENCHMARK = False          # torch.backends.cudnn.benchmark on a GPU
 
 _C.MODEL = CfgNode()
 _C.MODEL.TRANSFER_TYPE = "h2t-prompt"  # only VQT ("h2t-prompt") is implemented
-_C.MODEL.TYPE = "h2t-vit"           # "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3)
+_C.MODEL.TYPE = "h2t-vit"           # "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3): must match DATA.FEATURE
 _C.MODEL.MODEL_ROOT = ""            # folder holding the pre-trained checkpoints (see MODEL_ZOO)
 _C.MODEL.WEIGHT_PATH = ""           # explicit checkpoint file; overrides MODEL_ROOT/MODEL_ZOO[FEATURE]
-_C.MODEL.SAVE_CKPT = False          # write last_model.pth (query tokens + head only)
+_C.MODEL.SAVE_CKPT = True           # final and sparsity runs write last_model.pth (trained tensors only) and
+                                    # their val/test logits; compression needs them. Search runs never do.
 _C.MODEL.MLP_NUM = 0                # hidden layers in the head; only 0 (a linear head) is supported
 
 _C.MODEL.H2T = CfgNode()
-_C.MODEL.H2T.NUM_QUERY_TOKENS = 5   # Q, query tokens per layer (0: linear probe on CLS)
-_C.MODEL.H2T.DROPOUT = 0.0          # dropout on the query-token embeddings during training
-_C.MODEL.H2T.NORMALIZE_FEATS = True  # L2-normalise each feature block (CLS, each layer) before concat
+_C.MODEL.H2T.NUM_QUERY_TOKENS = 5   # Q, query tokens per layer (0: linear probe on the final feature)
+_C.MODEL.H2T.DROPOUT = 0.0          # dropout on the query tokens during training
+_C.MODEL.H2T.NORMALIZE_FEATS = True  # L2-normalise each feature block (final feature, each layer) before concat
 _C.MODEL.H2T.POOLING_FEATS = False  # mean over a layer's Q outputs instead of flattening them
 _C.MODEL.H2T.WEIGHTED_SUM_FEATS = False  # learned weighted sum over a layer's Q outputs
-_C.MODEL.H2T.LRP_COEF = 0.0001      # group-lasso coefficient (compress mode)
-_C.MODEL.H2T.KEEP_FRAC = 1.0        # fraction of head-input features kept (featselect mode)
+_C.MODEL.H2T.LRP_COEF = 0.0         # group lasso on the head's columns, coef * sum_j ||W[:, j]||_2 (compress: > 0)
+_C.MODEL.H2T.KEEP_FRAC = 1.0        # fraction of head-input features kept (featselect only)
 # The original leaves dropout(0.1) on the frozen ViT's patch+position embeddings active in
 # training. True reproduces that (no exact cache: the backbone runs every step); False makes the
 # frozen path deterministic so its keys/values are cached once (exact, much faster).
 _C.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN = False
+# A variant, not in the paper: query tokens also attend to their own layer's query tokens (trained
+# on the reference path; the stacked engine cannot express it).
+_C.MODEL.H2T.QUERY_ATTENDS_QUERIES = False
 
 _C.SOLVER = CfgNode()
 _C.SOLVER.LOSS = "softmax"          # only softmax cross-entropy
 _C.SOLVER.OPTIMIZER = "sgd"         # "adam" (coupled L2 decay, as torch.optim.Adam) or "sgd"
 _C.SOLVER.MOMENTUM = 0.9            # SGD momentum
-_C.SOLVER.WEIGHT_DECAY = 0.0001     # L2 decay on all trainable tensors except the head bias
-_C.SOLVER.SCHEDULER = "cosine"      # per-epoch linear warm-up then cosine (epoch 0 has lr 0)
-_C.SOLVER.BASE_LR = 0.01
+_C.SOLVER.BASE_LR = None            # None: lr/wd from the search. Given (with WEIGHT_DECAY, or --lr/--wd): no search,
+_C.SOLVER.WEIGHT_DECAY = None       # the runs use exactly this lr and L2 decay (head bias never decayed)
+_C.SOLVER.SCHEDULER = "cosine"      # per-epoch linear warm-up then cosine (epoch 0 has lr 0), or "constant"
 _C.SOLVER.WARMUP_EPOCH = 5
 _C.SOLVER.TOTAL_EPOCH = 30
-_C.SOLVER.PATIENCE = 300            # kept for compatibility; never stops a 100-epoch run
+_C.SOLVER.PATIENCE = 300            # early stopping is not implemented: must be >= TOTAL_EPOCH
 _C.SOLVER.LOG_EVERY_N = 1000        # log the training loss every N steps
 _C.SOLVER.DBG_TRAINABLE = False     # log the trainable tensors and their sizes
 
@@ -59,20 +60,21 @@ _C.DATA.FEATURE = "sup_vitb16_224"  # backbone key of MODEL_ZOO, e.g. sup_vitb16
 _C.DATA.NUMBER_CLASSES = -1
 _C.DATA.CROPSIZE = 224
 _C.DATA.BATCH_SIZE = 32
-_C.DATA.NUM_WORKERS = 4             # threads decoding TFDS examples
-_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 4             # threads decoding examples
+_C.DATA.PIN_MEMORY = True           # pinned host buffers for cached keys/values copied to a GPU
 _C.DATA.MULTILABEL = False          # VTAB is single-label; True is rejected
 _C.DATA.CLASS_WEIGHTS_TYPE = "none"  # only "none" (unit class weights)
 
 # How the protocol runs (not in the original; none of these change a run's numbers in fp32).
 _C.ENGINE = CfgNode()
-_C.ENGINE.CACHE = "auto"            # "auto": cache the frozen path unless EMBED_DROPOUT_IN_TRAIN; "on"; "off"
+_C.ENGINE.GRID = True               # train a phase's runs at once on the stacked engine; False: one by one on the
+                                    # reference loop (backbone every step: the original's cost profile)
+_C.ENGINE.CACHE = "auto"            # stacked engine: "auto" caches the frozen path unless EMBED_DROPOUT_IN_TRAIN; "on"; "off"
 _C.ENGINE.CACHE_DTYPE = "float32"   # "float32" (exact), "bfloat16" or "float16" (half the memory)
 _C.ENGINE.CACHE_LOCATION = "auto"   # "auto" (device if it fits, else RAM, else a disk memmap), "device", "cpu", "disk"
-_C.ENGINE.GRID = True               # train all configs of a phase at once on the shared cache
 _C.ENGINE.FUSED_KV_GIB = 10.0       # seed groups (each on its own batches) share a pass while their keys/values
                                     # stay under this many GiB (and 40 % of the free device memory)
-_C.ENGINE.EVAL_BATCH_SIZE = 128     # images per frozen pass (cache build, test streaming)
+_C.ENGINE.EVAL_BATCH_SIZE = 128     # images per evaluation batch / frozen pass (cache build, test streaming)
 _C.ENGINE.TENSORBOARD = False       # write loss / lr / val top-1 scalars to <run>/tb
 
 

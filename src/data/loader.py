@@ -21,8 +21,9 @@ import numpy as np
 
 from src.data.tasks import SPLITS, VTABTask, get_task
 from src.errors import VQTError
+from src.utils.logging import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger()
 
 EXPECTED_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
 

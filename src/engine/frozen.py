@@ -1,6 +1,6 @@
-"""Frozen-path outputs (final feature + per-layer keys/values) of an image set, either cached once
-or recomputed by the backbone for every batch (the reference path, and the only exact one when
-the embedding dropout is on during training)."""
+"""Frozen-path outputs (final feature + per-layer keys/values) of an image set for the stacked engine,
+either cached once or recomputed by the backbone for every batch (the only exact way when the
+embedding dropout is on during training)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,7 @@ from src.data.loader import ImageSet
 from src.data.preprocess import preprocess
 from src.errors import VQTError
 from src.models.vit import KV, VisionTransformer
+from src.models.vqt import dropout_mask
 from src.utils.logging import get_logger
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,12 +46,17 @@ class FrozenFeatures:
     holds every layer's keys and values as contiguous blocks."""
 
     def __init__(self, backbone: VisionTransformer, images: ImageSet, size: int, device: torch.device, *,
-                 cache: bool, embed_dropout: float = 0.0, dtype: str = "float32", location: str = "auto",
-                 batch_size: int = 128, scratch_dir: str | None = None):
+                 cache: bool, dtype: str = "float32", location: str = "auto", batch_size: int = 128,
+                 scratch_dir: str | None = None, pin_memory: bool = False):
         if dtype not in DTYPES:
             raise VQTError(f"ENGINE.CACHE_DTYPE {dtype!r} is not one of {list(DTYPES)}")
         self.backbone, self.images, self.size, self.device = backbone, images, size, device
-        self.embed_dropout = embed_dropout
+        self.embed_dropout = backbone.pos_drop.p
+        if cache and self.embed_dropout > 0:
+            raise VQTError("the frozen path is random in training (embedding dropout on): it cannot be cached; "
+                           "use ENGINE.CACHE auto or off, or MODEL.H2T.EMBED_DROPOUT_IN_TRAIN False")
+        self.pin = pin_memory and device.type == "cuda"
+        self._copy_done = None
         self.labels = torch.as_tensor(images.labels, dtype=torch.long)
         self.cached = cache
         self._file = None
@@ -105,27 +111,40 @@ class FrozenFeatures:
 
     def _buffer(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reused (L, 2, rows, H, T, hd) buffer: fresh allocations of this size cost more in page
-        faults (CPU) than the gather itself."""
+        faults (CPU) than the gather itself. CPU buffers feeding a GPU are pinned with DATA.PIN_MEMORY."""
         shape = (*self.kv.shape[:2], rows, *self.kv.shape[3:])
         numel = int(np.prod(shape))
         buf = self._buffers.get((dtype, device))
         if buf is None or buf.numel() < numel:
-            self._buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device)
+            pin = self.pin and device.type == "cpu"
+            self._buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device, pin_memory=pin)
         return buf[:numel].view(shape)
 
     @torch.no_grad()
-    def batch(self, idx: torch.Tensor, train: bool) -> tuple[torch.Tensor, list[KV], torch.Tensor]:
+    def batch(self, idx: torch.Tensor, rngs: list[torch.Generator] | None = None
+              ) -> tuple[torch.Tensor, list[KV], torch.Tensor]:
         """Rows `idx` -> (feature (B, D), per-layer keys/values, labels), all on the device, fp32.
-        Cached keys/values are gathered into a buffer that the next call overwrites: use them first."""
+        Cached keys/values are gathered into a buffer that the next call overwrites: use them first.
+        `rngs` (training): the embedding dropout of row block j is drawn from `rngs[j]` (uncached only)."""
         labels = self.labels[idx].to(self.device)
         if self.cached:
+            if self._copy_done is not None:  # the pinned buffer is still being copied to the GPU
+                self._copy_done.synchronize()
+                self._copy_done = None
             kv = self._buffer(len(idx), self.kv.dtype, self.kv.device)
             torch.index_select(self.kv, 2, idx.to(self.kv.device), out=kv)
             if (kv.dtype, kv.device) != (torch.float32, self.device):
-                kv = self._buffer(len(idx), torch.float32, self.device).copy_(kv)
+                kv = self._buffer(len(idx), torch.float32, self.device).copy_(kv, non_blocking=self.pin)
+                if self.pin:
+                    self._copy_done = torch.cuda.Event()
+                    self._copy_done.record()
             return self.feat[idx.to(self.device)], _split_kv(kv), labels
         x = preprocess([self.images.images[i] for i in idx.tolist()], self.size, self.device)
-        feat, kvs = self.backbone.frozen_pass(x, self.embed_dropout if train else 0.0)
+        mask = None
+        if rngs and self.embed_dropout > 0:
+            shape = (len(idx) // len(rngs), self.backbone.num_tokens, self.backbone.embed_dim)
+            mask = torch.cat([dropout_mask(shape, self.embed_dropout, rng) for rng in rngs])
+        feat, kvs = self.backbone.frozen_pass(x, mask)
         return feat, kvs, labels
 
     def close(self) -> None:

@@ -1,10 +1,13 @@
 """The VQT protocol for one task: lr x wd search on train800/val200, best pick, 5 seeds on
-train800val200 with test at the last epoch, and the optional classifier compression stages."""
+train800val200 with test at the last epoch, and the optional classifier compression stages.
+
+Every phase trains its runs on the stacked engine (`fit_grid`) when it can express them, else one by
+one on the reference loop (`fit`); both write the same run folders (`src.utils.layout`).
+"""
 from __future__ import annotations
 
-import glob
+import contextlib
 import os
-import re
 
 import numpy as np
 import torch
@@ -13,15 +16,17 @@ from yacs.config import CfgNode
 from src.configs.vit_configs import zoo_entry
 from src.data.loader import ImageSet, check_classes, load_split, stream_split
 from src.data.tasks import get_task
+from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
-from src.engine.trainer import HEAD_W, QUERY_KEY, Member, TestSet, train_members
+from src.engine.grid import fit_grid
+from src.engine.record import RunRecord
+from src.engine.runs import Recipe, Run, TaskData, TestStream
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone
-from src.models.vqt import feature_dim
-from src.utils.logging import get_logger, setup_logging
-from src.utils.rundir import RunDir, TaskLock, fmt
+from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
+from src.utils.layout import Layout, RunDir, stage_name
+from src.utils.logging import get_logger, setup_logging, task_log
 
-SEARCH_SEED = 100
 FINAL_SEEDS = (42, 44, 82, 100, 800)
 SPARSE_MODES = ("compress", "featselect")
 LARGE_ARCH_FEATS = ("sup_vitl16_imagenet21k", "sup_vith14_imagenet21k")
@@ -40,37 +45,50 @@ def lr_wd_grid(optimizer: str, arch_feats: str = "") -> tuple[list[float], list[
     return sorted(lrs, reverse=True), sorted(wds, reverse=True)
 
 
-def task_dir(cfg: CfgNode, suffix: str) -> str:
-    return os.path.join(cfg.OUTPUT_DIR + suffix, cfg.DATA.NAME, cfg.DATA.FEATURE)
+def check_supported(cfg: CfgNode) -> None:
+    """Reject the original's options that are not implemented, and contradictory settings (one line each)."""
+    m, sol, data, eng = cfg.MODEL, cfg.SOLVER, cfg.DATA, cfg.ENGINE
+    problems = {
+        f"MODEL.TRANSFER_TYPE {m.TRANSFER_TYPE!r}: only h2t-prompt (VQT)": m.TRANSFER_TYPE != "h2t-prompt",
+        "MODEL.MLP_NUM must be 0: only a linear head is implemented": m.MLP_NUM != 0,
+        f"SOLVER.OPTIMIZER {sol.OPTIMIZER!r}: use adam or sgd (adamw is not implemented)":
+            sol.OPTIMIZER not in ("adam", "sgd"),
+        f"SOLVER.SCHEDULER {sol.SCHEDULER!r}: use cosine or constant": sol.SCHEDULER not in ("cosine", "constant"),
+        f"SOLVER.LOSS {sol.LOSS!r}: only softmax cross-entropy": sol.LOSS != "softmax",
+        f"SOLVER.PATIENCE {sol.PATIENCE} < TOTAL_EPOCH: early stopping is not implemented; set PATIENCE >= TOTAL_EPOCH":
+            sol.PATIENCE < sol.TOTAL_EPOCH,
+        "DATA.MULTILABEL True: VTAB tasks are single-label": data.MULTILABEL,
+        f"DATA.CLASS_WEIGHTS_TYPE {data.CLASS_WEIGHTS_TYPE!r}: only none": data.CLASS_WEIGHTS_TYPE != "none",
+        "give both SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY (or --lr and --wd) to skip the search, or neither":
+            (sol.BASE_LR is None) != (sol.WEIGHT_DECAY is None),
+        f"ENGINE.CACHE {eng.CACHE!r} is not one of auto, on, off": eng.CACHE not in ("auto", "on", "off"),
+        "ENGINE.CACHE on needs ENGINE.GRID True (the reference loop runs the backbone every step)":
+            eng.CACHE == "on" and not eng.GRID,
+        "ENGINE.CACHE on is not exact with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN True (the frozen path is random in "
+        "training); use ENGINE.CACHE auto or off": eng.CACHE == "on" and m.H2T.EMBED_DROPOUT_IN_TRAIN,
+    }
+    for message, bad in problems.items():
+        if bad:
+            raise VQTError(message)
 
 
-def hp_dir(cfg: CfgNode, suffix: str, lr: float, wd: float) -> str:
-    return os.path.join(task_dir(cfg, suffix), f"lr{fmt(lr)}_wd{fmt(wd)}_bs{cfg.DATA.BATCH_SIZE}")
-
-
-def find_best_lrwd(cfg: CfgNode) -> tuple[float, float]:
+def find_best_lrwd(layout: Layout) -> tuple[float, float]:
     """Best (lr, wd) by val top-1 at the last epoch over the finished search runs; ties go to the
-    smaller lr, then to the first in (lr, wd) descending order."""
+    smaller lr, then to the larger wd."""
     logger = get_logger()
-    pattern = re.compile(r"lr([0-9.e+-]+)_wd([0-9.e+-]+)_bs(\d+)$")
     found, skipped = [], []
-    for path in glob.glob(os.path.join(glob.escape(task_dir(cfg, "_val")), "*", "run1")):
-        m = pattern.match(os.path.basename(os.path.dirname(path)))
-        if not m or int(m.group(3)) != cfg.DATA.BATCH_SIZE:
-            continue
-        run = RunDir(path)
+    for lr, wd, run in layout.search_runs():
         done = run.done
         if done is None or done["status"] != "ok":
-            skipped.append(f"{path} ({'incomplete' if done is None else done['status']})")
+            skipped.append(f"{run.path} ({'incomplete' if done is None else done['status']})")
             continue
-        results = torch.load(run.file("eval_results.pth"), weights_only=True)
-        last = results[f"epoch_{len(results) - 1}"]["classification"][f"val_{cfg.DATA.NAME}"]["top1"]
-        found.append((float(m.group(1)), float(m.group(2)), last))
+        results = run.load_results()
+        found.append((lr, wd, results[f"epoch_{len(results) - 1}"]["classification"][f"val_{layout.data_name}"]["top1"]))
     if skipped:
         logger.warning("search runs not used for the pick: " + "; ".join(sorted(skipped)))
     if not found:
-        raise VQTError(f"no finished search run under {task_dir(cfg, '_val')}: run the search first "
-                       "(train.py without --dont_search)")
+        raise VQTError(f"no finished search run under {layout.task_dir('search')}: run the search first "
+                       "(train.py without --dont_search), or give --lr and --wd")
     found.sort(key=lambda t: (-t[0], -t[1]))
     best = found[0]
     for lr, wd, acc in found[1:]:
@@ -78,76 +96,6 @@ def find_best_lrwd(cfg: CfgNode) -> tuple[float, float]:
             best = (lr, wd, acc)
     logger.info(f"best search run: lr {best[0]}, wd {best[1]} (val top-1 {best[2] * 100:.2f})")
     return best[0], best[1]
-
-
-class Task:
-    """What one task's runs share: the backbone, the train800 + val200 images and their frozen path."""
-
-    def __init__(self, cfg: CfgNode):
-        check_classes(cfg, get_task(cfg.DATA.NAME))
-        entry = zoo_entry(cfg.DATA.FEATURE)
-        self.cfg = cfg
-        self.device = resolve_device(cfg.DEVICE)
-        self.embed_dropout = entry.arch.embed_dropout if cfg.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN else 0.0
-        mode = cfg.ENGINE.CACHE
-        if mode not in ("auto", "on", "off"):
-            raise VQTError(f"ENGINE.CACHE {mode!r} is not one of auto, on, off")
-        if mode == "on" and self.embed_dropout > 0:
-            raise VQTError("ENGINE.CACHE on is not exact with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN True "
-                           "(the frozen path is random in training); use ENGINE.CACHE auto or off")
-        self.cache = mode == "on" or (mode == "auto" and self.embed_dropout == 0)
-        self._frozen = None
-        self._backbone = None
-
-    @property
-    def backbone(self):
-        if self._backbone is None:
-            self._backbone = build_backbone(self.cfg).to(self.device)
-        return self._backbone
-
-    @property
-    def frozen(self) -> FrozenFeatures:
-        """train800 rows 0..799 then val200 rows 800..999 (= train800val200), loaded on first use."""
-        if self._frozen is None:
-            train, val = load_split(self.cfg, "train800"), load_split(self.cfg, "val200")
-            images = ImageSet(images=train.images + val.images, labels=np.concatenate([train.labels, val.labels]))
-            e = self.cfg.ENGINE
-            self._frozen = FrozenFeatures(self.backbone, images, self.cfg.DATA.CROPSIZE, self.device,
-                                          cache=self.cache, embed_dropout=self.embed_dropout, dtype=e.CACHE_DTYPE,
-                                          location=e.CACHE_LOCATION, batch_size=e.EVAL_BATCH_SIZE,
-                                          scratch_dir=self.cfg.OUTPUT_DIR + "_cache")
-            self.n_train = len(train)
-        return self._frozen
-
-    def rows(self, which: str) -> torch.Tensor:
-        n, n_train = len(self.frozen), self.n_train
-        return {"train800": torch.arange(n_train), "val200": torch.arange(n_train, n),
-                "train800val200": torch.arange(n)}[which]
-
-    def test_set(self) -> TestSet:
-        size, batches = stream_split(self.cfg, "test", self.cfg.ENGINE.EVAL_BATCH_SIZE)
-        return TestSet(size, batches)
-
-    def train(self, members: list[Member], train: str, *, test: bool, desc: str, **kw) -> list[Member]:
-        """Train `members` (all at once with ENGINE.GRID, else one by one) on split `train`."""
-        todo = [m for m in members if m.run.done is None]
-        for m in members:
-            if m.run.done is not None:
-                get_logger().info(f"already done ({m.run.done['status']}): {m.run.path}")
-            elif m.run.incomplete:
-                get_logger().warning(f"incomplete run (no DONE marker), redoing it: {m.run.path}")
-        if not todo:
-            return members
-        setup_logging(os.path.join(os.path.dirname(os.path.dirname(todo[0].run.path)), "logs.txt"))
-        chunks = [todo] if self.cfg.ENGINE.GRID else [[m] for m in todo]
-        for chunk in chunks:
-            train_members(self.cfg, self.backbone, self.frozen, chunk, self.rows(train), self.rows("val200"),
-                          test=self.test_set() if test else None, desc=desc, **kw)
-        return members
-
-    def close(self) -> None:
-        if self._frozen is not None:
-            self._frozen.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,82 +106,168 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class Task:
+    """What one task's runs share: the backbone, the train800 + val200 images and, for the stacked
+    engine, their frozen path; `train` picks the engine."""
+
+    def __init__(self, cfg: CfgNode):
+        check_classes(cfg, get_task(cfg.DATA.NAME))
+        zoo_entry(cfg.DATA.FEATURE)
+        self.cfg = cfg
+        self.layout = Layout.from_cfg(cfg)
+        self.spec = QuerySpec.from_cfg(cfg)
+        self.device = resolve_device(cfg.DEVICE)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+        self.grid = cfg.ENGINE.GRID and self.spec.stackable
+        if cfg.ENGINE.GRID and not self.spec.stackable:
+            get_logger().info("MODEL.H2T.QUERY_ATTENDS_QUERIES: the stacked engine packs runs into the token axis, "
+                              "which needs queries that never attend to queries; training on the reference path")
+        self._backbone = self._images = self._frozen = None
+        self.n_train = 0
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = build_backbone(self.cfg).to(self.device)
+        return self._backbone
+
+    @property
+    def images(self) -> ImageSet:
+        """train800 rows 0..799 then val200 rows 800..999 (= train800val200), loaded on first use."""
+        if self._images is None:
+            train, val = load_split(self.cfg, "train800"), load_split(self.cfg, "val200")
+            self._images = ImageSet(images=train.images + val.images, labels=np.concatenate([train.labels, val.labels]))
+            self.n_train = len(train)
+        return self._images
+
+    @property
+    def frozen(self) -> FrozenFeatures:
+        if self._frozen is None:
+            e = self.cfg.ENGINE
+            cache = e.CACHE == "on" or (e.CACHE == "auto" and self.backbone.pos_drop.p == 0)
+            self._frozen = FrozenFeatures(self.backbone, self.images, self.cfg.DATA.CROPSIZE, self.device, cache=cache,
+                                          dtype=e.CACHE_DTYPE, location=e.CACHE_LOCATION, batch_size=e.EVAL_BATCH_SIZE,
+                                          scratch_dir=self.layout.cache_dir(), pin_memory=self.cfg.DATA.PIN_MEMORY)
+        return self._frozen
+
+    def data(self, train: str, test: bool) -> TaskData:
+        n, n_train = len(self.images), self.n_train
+        rows = {"train800": torch.arange(n_train), "train800val200": torch.arange(n)}[train]
+        return TaskData(self.images, rows, torch.arange(n_train, n), self.cfg.DATA.CROPSIZE, self.device,
+                        self.test_set if test else None)
+
+    def test_set(self) -> TestStream:
+        return TestStream(*stream_split(self.cfg, "test", self.cfg.ENGINE.EVAL_BATCH_SIZE))
+
+    def train(self, phase: str, runs: list[Run], recipe: Recipe, *, train: str, test: bool, save_ckpt: bool) -> None:
+        """Train the runs of a phase that have no DONE record yet (interrupted ones are redone)."""
+        logger = get_logger()
+        todo = []
+        for r in runs:
+            if r.dir.done is not None:
+                logger.info(f"already done ({r.dir.done['status']}): {r.dir.path}")
+            else:
+                if r.dir.incomplete:
+                    logger.warning(f"incomplete run (no DONE marker), redoing it: {r.dir.path}")
+                todo.append(r)
+        if not todo:
+            return
+        data = self.data(train, test)
+        if self.grid:
+            jobs = [(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt)) for r in todo]
+            ckpts = fit_grid(self.spec, self.frozen, jobs, recipe, data, self.cfg.ENGINE.FUSED_KV_GIB)
+            for (_, record), ckpt in zip(jobs, ckpts):
+                record.finish(ckpt)
+            return
+        for r in todo:
+            model = VQT(self.backbone, self.spec, r.feat_ids)
+            record = RunRecord(r, self.cfg, save_ckpt=save_ckpt)
+            fit(model, r, recipe, data, record)
+            record.finish(model.trained_state())
+
+    def close(self) -> None:
+        if self._frozen is not None:
+            self._frozen.close()
+
+
 def _search(task: Task, cfg: CfgNode, arch_feats: str) -> None:
     lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats)
-    members = [Member(RunDir(os.path.join(hp_dir(cfg, "_val", lr / 256 * cfg.DATA.BATCH_SIZE, wd), "run1")),
-                      lr / 256 * cfg.DATA.BATCH_SIZE, wd, SEARCH_SEED) for lr in lrs for wd in wds]
-    with TaskLock(task_dir(cfg, "_val")):
-        task.train(members, "train800", test=False, save_ckpt=False, desc="search")
+    scale = cfg.DATA.BATCH_SIZE / 256
+    runs = [Run(task.layout.run("search", lr * scale, wd, 1), lr * scale, wd, cfg.SEED) for lr in lrs for wd in wds]
+    with task.layout.lock("search"), task_log(task.layout.task_log("search")):
+        task.train("search", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800", test=False,
+                   save_ckpt=False)
 
 
-def _final_run(cfg: CfgNode, lr: float, wd: float, k: int) -> RunDir:
-    """Folder of final seed k (0-based)."""
-    return RunDir(os.path.join(hp_dir(cfg, "_final", lr, wd), f"run{k + 1}"))
+def _lr_wd(cfg: CfgNode, layout: Layout) -> tuple[float, float]:
+    """SOLVER.BASE_LR / WEIGHT_DECAY when given, else the search's pick."""
+    if cfg.SOLVER.BASE_LR is not None:
+        return float(cfg.SOLVER.BASE_LR), float(cfg.SOLVER.WEIGHT_DECAY)
+    return find_best_lrwd(layout)
 
 
-def _finals(task: Task, cfg: CfgNode) -> list[Member]:
-    lr, wd = find_best_lrwd(cfg)
-    members = [Member(_final_run(cfg, lr, wd, k), lr, wd, seed) for k, seed in enumerate(FINAL_SEEDS)]
-    with TaskLock(task_dir(cfg, "_final")):
-        return task.train(members, "train800val200", test=True, save_ckpt=True, desc="final")
+def _finals(task: Task, cfg: CfgNode) -> None:
+    lr, wd = _lr_wd(cfg, task.layout)
+    runs = [Run(task.layout.run("final", lr, wd, k + 1), lr, wd, seed) for k, seed in enumerate(FINAL_SEEDS)]
+    with task.layout.lock("final"), task_log(task.layout.task_log("final")):
+        task.train("final", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800val200",
+                   test=True, save_ckpt=cfg.MODEL.SAVE_CKPT)
 
 
-def _load_ckpt(run: RunDir, what: str) -> dict:
+def _checkpoint(run: RunDir, what: str, fix: str) -> dict:
+    """A finished run's checkpoint, or one line saying what is missing and how to get it."""
     done = run.done
     if done is None or done["status"] != "ok":
         state = "missing" if not os.path.isdir(run.path) else ("incomplete" if done is None else done["status"])
-        raise VQTError(f"{what} run {run.path} is {state}; run {'scripts/VQT/run_vqt_vtab.sh' if what == 'final' else 'the compress stage'} first")
-    path = run.file("last_model.pth")
-    if not os.path.isfile(path):
-        raise VQTError(f"{path} is missing: the {what} runs must be trained with MODEL.SAVE_CKPT True")
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+        raise VQTError(f"{what} run {run.path} is {state}; {fix}")
+    if not os.path.isfile(run.checkpoint_file):
+        raise VQTError(f"{run.checkpoint_file} is missing (the {what} runs were trained with MODEL.SAVE_CKPT False): "
+                       f"delete {os.path.dirname(run.path)} and train the {what} runs again with MODEL.SAVE_CKPT True")
+    return run.load_checkpoint()
 
 
-def _sparse(task: Task, cfg: CfgNode, mode: str) -> list[Member]:
+def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
     h2t = cfg.MODEL.H2T
     if mode == "compress" and not (h2t.KEEP_FRAC == 1.0 and h2t.LRP_COEF > 0):
         raise VQTError("compress needs MODEL.H2T.KEEP_FRAC 1.0 and MODEL.H2T.LRP_COEF > 0")
     if mode == "featselect" and not (0 < h2t.KEEP_FRAC <= 1.0 and h2t.LRP_COEF == 0.0):
         raise VQTError("featselect needs 0 < MODEL.H2T.KEEP_FRAC <= 1.0 and MODEL.H2T.LRP_COEF 0.0")
-    lr, wd = find_best_lrwd(cfg)
-    stage = "compress" if mode == "compress" else f"keep_frac_{h2t.KEEP_FRAC}"
-    base = hp_dir(cfg, "_sparsefinal", lr, wd)
-    bb = task.backbone
-    per_layer = 1 if (h2t.POOLING_FEATS or h2t.WEIGHTED_SUM_FEATS) else h2t.NUM_QUERY_TOKENS
-    keep = feature_dim(bb.embed_dim, bb.depth, h2t.NUM_QUERY_TOKENS, per_layer, h2t.KEEP_FRAC)
-    members = []
+    layout = task.layout
+    lr, wd = _lr_wd(cfg, layout)
+    stage = stage_name(mode, h2t.KEEP_FRAC)
+    keep = int(task.spec.feature_dim(task.backbone.embed_dim, task.backbone.depth) * h2t.KEEP_FRAC)
+    runs = []
     for k, seed in enumerate(FINAL_SEEDS):
-        run = RunDir(os.path.join(base, stage, f"run{k + 1}"))
-        if run.done is not None:
-            members.append(Member(run, 0.5 * lr, wd, seed))
-            continue
-        final = _load_ckpt(_final_run(cfg, lr, wd, k), "final")
-        ids = None
-        if mode == "featselect":
-            head = _load_ckpt(RunDir(os.path.join(base, "compress", f"run{k + 1}")), "compress")[HEAD_W]
-            ids = torch.topk(head.norm(dim=0), k=keep).indices
-        members.append(Member(run, 0.5 * lr, wd, seed, queries=final.get(QUERY_KEY), feat_ids=ids))
-    with TaskLock(os.path.join(task_dir(cfg, "_sparsefinal"), stage)):
-        return task.train(members, "train800val200", test=True, save_ckpt=True, desc=stage, freeze_queries=True,
-                          lrp_coef=h2t.LRP_COEF if mode == "compress" else 0.0)
+        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed)
+        if run.dir.done is None:
+            final = _checkpoint(layout.run("final", lr, wd, k + 1), "final", "run scripts/VQT/run_vqt_vtab.sh first")
+            run.start = {key: v for key, v in final["model"].items() if key not in (HEAD_W, HEAD_B)}
+            if mode == "featselect":
+                compress = _checkpoint(layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0)), "compress",
+                                       "run the compress stage first (--sparse-mode compress)")
+                run.feat_ids = torch.topk(compress["model"][HEAD_W].norm(dim=0), k=keep).indices
+        runs.append(run)
+    recipe = Recipe.from_cfg(cfg, lrp_coef=h2t.LRP_COEF if mode == "compress" else 0.0, freeze_queries=True)
+    with layout.lock("sparse", stage), task_log(layout.task_log("sparse")):
+        task.train("sparse", runs, recipe, train="train800val200", test=True, save_ckpt=cfg.MODEL.SAVE_CKPT)
 
 
-def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str = "", arch_feats: str = "") -> None:
-    """Search (unless `dont_search`) then the 5 final runs; or one compression stage (`sparse_mode`)."""
-    if cfg.MODEL.TRANSFER_TYPE != "h2t-prompt":
-        raise VQTError(f"MODEL.TRANSFER_TYPE {cfg.MODEL.TRANSFER_TYPE!r}: only h2t-prompt (VQT) is implemented")
-    if cfg.MODEL.MLP_NUM != 0:
-        raise VQTError("MODEL.MLP_NUM must be 0: only a linear head is implemented")
+def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | None = None,
+                 arch_feats: str = "") -> None:
+    """Search (unless `dont_search` or an lr/wd is given) then the 5 final runs; or one compression
+    stage (`sparse_mode`)."""
+    check_supported(cfg)
+    if sparse_mode is not None and sparse_mode not in SPARSE_MODES:
+        raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
     setup_logging()
     task = Task(cfg)
-    try:
-        if sparse_mode:
-            if sparse_mode not in SPARSE_MODES:
-                raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
+    with contextlib.closing(task):
+        if sparse_mode is not None:
             _sparse(task, cfg, sparse_mode)
-        else:
-            if not dont_search:
-                _search(task, cfg, arch_feats)
-            _finals(task, cfg)
-    finally:
-        task.close()
+            return
+        if cfg.MODEL.H2T.KEEP_FRAC != 1.0:
+            raise VQTError("MODEL.H2T.KEEP_FRAC applies to --sparse-mode featselect only; leave it at 1.0")
+        if not dont_search and cfg.SOLVER.BASE_LR is None:
+            _search(task, cfg, arch_feats)
+        _finals(task, cfg)

@@ -200,13 +200,15 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
 
 
 def build_backbone(cfg) -> VisionTransformer:
-    """The frozen (no grad, eval mode) pre-trained backbone named by DATA.FEATURE at DATA.CROPSIZE."""
+    """The frozen (no grad, eval mode) pre-trained backbone named by DATA.FEATURE at DATA.CROPSIZE; its
+    embedding dropout is the original's with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
     feature = cfg.DATA.FEATURE
     entry = zoo_entry(feature)
     if cfg.MODEL.TYPE != entry.model_type:
         raise VQTError(f"DATA.FEATURE {feature} needs MODEL.TYPE {entry.model_type!r}, got {cfg.MODEL.TYPE!r}")
     try:
-        model = VisionTransformer(entry.arch, cfg.DATA.CROPSIZE)
+        embed_dropout = entry.arch.embed_dropout if cfg.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN else 0.0
+        model = VisionTransformer(entry.arch, cfg.DATA.CROPSIZE, embed_dropout)
     except ValueError as e:
         raise VQTError(f"DATA.CROPSIZE {cfg.DATA.CROPSIZE}: {e}") from None
     path = cfg.MODEL.WEIGHT_PATH or os.path.join(cfg.MODEL.MODEL_ROOT, entry.file)

@@ -39,12 +39,17 @@ class Attention(nn.Module):
         k, v = k.contiguous(), v.contiguous()
         return self._merge(F.scaled_dot_product_attention(q, k, v)), k, v
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Tokens `x` (queries only) attend over given keys/values. Written out rather than fused:
-        the fused kernels' backward also computes key/value gradients, which are never needed here
-        and cost far more than the queries' own."""
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: bool = False) -> torch.Tensor:
+        """Tokens `x` (queries only) attend over given keys/values, and with `own` also over their
+        own. Written out rather than fused: the fused kernels' backward also computes key/value
+        gradients, which are never needed here and cost far more than the queries' own."""
         d = x.shape[-1]
-        q = self._heads(F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d])) * (d // self.num_heads) ** -0.5
+        if own:
+            q, kx, vx = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+            k, v = torch.cat([k, kx], dim=2), torch.cat([v, vx], dim=2)
+        else:
+            q = self._heads(F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]))
+        q = q * (d // self.num_heads) ** -0.5
         return self._merge((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v)
 
 
@@ -73,9 +78,10 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.norm2(x)), k, v
 
-    def query(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The block applied to query tokens `t` whose keys/values are the original tokens'."""
-        t = t + self.attn.attend(self.norm1(t), k, v)
+    def query(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: bool = False) -> torch.Tensor:
+        """The block applied to query tokens `t` whose keys/values are the original tokens' (and, with
+        `own`, the query tokens' own as well)."""
+        t = t + self.attn.attend(self.norm1(t), k, v, own)
         return t + self.mlp(self.norm2(t))
 
 
@@ -90,9 +96,10 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
     """ViT backbone (timm parameter names). `arch.pool`: "token" = final-LN CLS token;
-    "avg" = `norm` applied to the mean of the patch tokens (MAE's fc_norm)."""
+    "avg" = `norm` applied to the mean of the patch tokens (MAE's fc_norm). `pos_drop` is the
+    dropout after the embeddings (active in training mode only; p = `embed_dropout`)."""
 
-    def __init__(self, arch: ViTArch, img_size: int = 224):
+    def __init__(self, arch: ViTArch, img_size: int = 224, embed_dropout: float = 0.0):
         super().__init__()
         if img_size % arch.patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {arch.patch_size}")
@@ -102,6 +109,7 @@ class VisionTransformer(nn.Module):
         self.num_tokens = 1 + (img_size // arch.patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, d) * 0.02)
+        self.pos_drop = nn.Dropout(embed_dropout)
         self.blocks = nn.ModuleList(Block(d, arch.num_heads, arch.mlp_dim) for _ in range(arch.depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
 
@@ -118,20 +126,23 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
 
-    def frozen_pass(self, x: torch.Tensor, embed_dropout: float = 0.0) -> tuple[torch.Tensor, list[KV]]:
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block's tokens (B, T, D) -> the final feature (B, D)."""
+        return self.norm(x)[:, 0] if self.arch.pool == "token" else self.norm(x[:, 1:].mean(dim=1))
+
+    def frozen_pass(self, x: torch.Tensor, embed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
         """Images (B, 3, H, W) -> (final feature (B, D), per-layer keys/values).
 
-        `embed_dropout` > 0 applies dropout to patch+position embeddings, as the original does
-        during training (then the pass is random and cannot be cached exactly)."""
+        `embed_mask` (B, T, D), already rescaled, multiplies the embeddings: the stacked engine's
+        `pos_drop` with its own random streams (then the pass is random and cannot be cached)."""
         x = self.embed(x)
-        if embed_dropout > 0:
-            x = F.dropout(x, embed_dropout, training=True)
+        if embed_mask is not None:
+            x = x * embed_mask
         kvs = []
         for blk in self.blocks:
             x, k, v = blk(x)
             kvs.append((k, v))
-        feat = self.norm(x)[:, 0] if self.arch.pool == "token" else self.norm(x[:, 1:].mean(dim=1))
-        return feat, kvs
+        return self.pool(x), kvs
 
     def query_pass(self, tokens: torch.Tensor, kvs: list[KV]) -> list[torch.Tensor]:
         """Query tokens (B, L, S, D) (S tokens per layer, fresh at every layer) -> L outputs (B, S, D).

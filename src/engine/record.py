@@ -1,0 +1,103 @@
+"""What a run writes to its folder as it trains: config.yaml, logs.txt, TensorBoard scalars, per-epoch
+metrics (eval_results.pth), logits and checkpoint, and DONE last (through the layout's RunDir)."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from yacs.config import CfgNode
+
+from src.engine.metrics import classification_metrics
+from src.engine.runs import Run
+from src.utils.layout import atomic_save
+from src.utils.logging import DATEFMT, get_logger
+
+
+def divergence(loss: float, epoch: int, step: int) -> str:
+    """Why a run must stop ("" while its loss is finite)."""
+    return "" if math.isfinite(loss) else f"loss is {loss} at epoch {epoch + 1}, step {step + 1}"
+
+
+class RunRecord:
+    """One run's folder, written as it trains. Create it when the run starts (the folder is made
+    afresh); call `finish` last."""
+
+    def __init__(self, run: Run, cfg: CfgNode, *, save_ckpt: bool):
+        self.run, self.save_ckpt = run, save_ckpt
+        self.val_name, self.test_name = f"val_{cfg.DATA.NAME}", f"test_{cfg.DATA.NAME}"
+        self.results: dict = {}
+        self.diverged = ""
+        self.val: tuple[np.ndarray, np.ndarray] | None = None
+        run.dir.start()
+        c = cfg.clone()
+        c.defrost()
+        c.SOLVER.BASE_LR, c.SOLVER.WEIGHT_DECAY, c.SEED, c.OUTPUT_DIR = run.lr, run.wd, run.seed, run.dir.path
+        c.MODEL.SAVE_CKPT = save_ckpt
+        with open(run.dir.file("config.yaml"), "w") as f:
+            f.write(c.dump())
+        self._log = open(run.dir.file("logs.txt"), "a")  # noqa: SIM115 (closed by finish)
+        self._tb = None
+        if cfg.ENGINE.TENSORBOARD:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(run.dir.file("tb"))
+
+    def log(self, msg: str) -> None:
+        self._log.write(f"[{time.strftime(DATEFMT)}] {msg}\n")
+        self._log.flush()
+
+    def trainable(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            self.log(f"Trainable: {name} {shape}, {int(np.prod(shape))}")
+
+    def epoch_start(self, epoch: int, epochs: int, lr: float) -> None:
+        self.log(f"Training {epoch + 1} / {epochs} epoch, with learning rate {lr}")
+
+    def step(self, step: int, steps: int, loss: float) -> None:
+        self.log(f"\tTraining {step + 1}/{steps}. train loss: {loss:.4f}")
+
+    def epoch_end(self, epoch: int, epochs: int, train_loss: float, lr: float, logits: np.ndarray,
+                  targets: np.ndarray) -> None:
+        """Record the epoch's val metrics (and keep the logits: the last epoch's are saved)."""
+        metrics = classification_metrics(logits, targets)
+        self.results[f"epoch_{epoch}"] = {"classification": {self.val_name: metrics}}
+        self.val = (logits, targets)
+        self.log(f"Epoch {epoch + 1} / {epochs}: avg train loss: {train_loss:.4f}")
+        self.log(f"Classification results with {self.val_name}: " + _fmt(metrics))
+        if self._tb is not None:
+            self._tb.add_scalar("train/loss", train_loss, epoch)
+            self._tb.add_scalar("train/lr", lr, epoch)
+            self._tb.add_scalar("val/top1", metrics["top1"], epoch)
+
+    def diverge(self, message: str) -> None:
+        self.diverged = message
+        self.log(f"Encountered infinite or NaN loss, stopping this run: {message}")
+        get_logger().warning(f"run {self.run.dir.path} diverged: {message}")
+
+    def test(self, logits: np.ndarray, targets: np.ndarray) -> None:
+        metrics = classification_metrics(logits, targets)
+        self.results[f"epoch_{len(self.results) - 1}"]["classification"][self.test_name] = metrics
+        self.log(f"Classification results with {self.test_name}: " + _fmt(metrics))
+        if self.save_ckpt:
+            atomic_save({"targets": torch.from_numpy(targets), "joint_logits": torch.from_numpy(logits.copy())},
+                        self.run.dir.logits_file(self.test_name))
+
+    def finish(self, checkpoint: dict | None) -> None:
+        """Write eval_results.pth, the last val logits and `checkpoint` (with MODEL.SAVE_CKPT, unless the
+        run diverged), then DONE."""
+        d = self.run.dir
+        atomic_save(self.results, d.results_file)
+        if self.save_ckpt and not self.diverged and checkpoint is not None:
+            logits, targets = self.val
+            atomic_save({"targets": torch.from_numpy(targets), "joint_logits": torch.from_numpy(logits.copy())},
+                        d.logits_file(self.val_name))
+            atomic_save(checkpoint, d.checkpoint_file)
+        if self._tb is not None:
+            self._tb.close()
+        self._log.close()
+        d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "\t".join(f"{k}: {v * 100:.2f}" for k, v in metrics.items())

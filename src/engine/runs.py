@@ -1,0 +1,85 @@
+"""What a training run is made of: its folder and hyper-parameters (`Run`), how it trains (`Recipe`)
+and the task data it trains on (`TaskData`). Shared by the reference loop and the stacked engine."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from yacs.config import CfgNode
+
+from src.data.loader import ImageSet
+from src.data.preprocess import preprocess
+from src.solver.schedule import lr_factor
+from src.utils.layout import RunDir
+
+
+@dataclass
+class Run:
+    """One run of the protocol: its folder, lr, weight decay and seed; for the sparsity stages the
+    checkpoint it starts from (query tokens) and the selected head-input features."""
+
+    dir: RunDir
+    lr: float
+    wd: float
+    seed: int
+    start: dict | None = None             # a `VQT.trained_state` whose query tokens are loaded
+    feat_ids: torch.Tensor | None = None  # (F',) kept features (featselect)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every run of a phase trains (SOLVER.*, DATA.BATCH_SIZE, and the stage's loss and freezing)."""
+
+    optimizer: str
+    momentum: float
+    epochs: int
+    warmup: int
+    scheduler: str
+    batch_size: int
+    eval_batch_size: int
+    log_every: int
+    max_steps: int | None = None  # DBG: at most this many steps per epoch
+    lrp_coef: float = 0.0         # group lasso on the head's columns (compress)
+    freeze_queries: bool = False  # sparsity stages train the head only
+
+    @classmethod
+    def from_cfg(cls, cfg: CfgNode, *, lrp_coef: float = 0.0, freeze_queries: bool = False) -> Recipe:
+        s = cfg.SOLVER
+        return cls(s.OPTIMIZER, s.MOMENTUM, s.TOTAL_EPOCH, s.WARMUP_EPOCH, s.SCHEDULER, cfg.DATA.BATCH_SIZE,
+                   cfg.ENGINE.EVAL_BATCH_SIZE, s.LOG_EVERY_N, 20 if cfg.DBG else None, lrp_coef, freeze_queries)
+
+    def steps(self, n_train: int) -> int:
+        steps = math.ceil(n_train / self.batch_size)
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def lr_factor(self, epoch: int) -> float:
+        return lr_factor(epoch, self.warmup, self.epochs, self.scheduler)
+
+
+@dataclass
+class TestStream:
+    """A split streamed once at the end: (number of images, iterator of uint8 image batches + labels)."""
+
+    size: int
+    batches: Iterator[tuple[list[np.ndarray], np.ndarray]]
+
+
+@dataclass
+class TaskData:
+    """The images a phase trains and validates on (rows of `images`), and its test split (if evaluated)."""
+
+    images: ImageSet
+    train_rows: torch.Tensor
+    val_rows: torch.Tensor
+    size: int                                   # DATA.CROPSIZE
+    device: torch.device
+    test: Callable[[], TestStream] | None = None   # opens the test stream
+
+    def tensors(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed images (B, 3, S, S) and labels (B,) of `rows`, on the device."""
+        idx = rows.tolist()
+        x = preprocess([self.images.images[i] for i in idx], self.size, self.device)
+        return x, torch.as_tensor(self.images.labels[idx], dtype=torch.long, device=self.device)
