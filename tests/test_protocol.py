@@ -145,6 +145,42 @@ def test_bad_input_is_one_clear_line(assets, tmp_path, capsys, extra, message):
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("SOLVER.TOTAL_EPOCH", "0", "SOLVER.TOTAL_EPOCH must be >= 1 (got 0)"),
+    ("SOLVER.WARMUP_EPOCH", "3", "SOLVER.WARMUP_EPOCH (3) must be below SOLVER.TOTAL_EPOCH (3)"),
+    ("SOLVER.WARMUP_EPOCH", "-1", "SOLVER.WARMUP_EPOCH must be >= 0"),
+    ("DATA.BATCH_SIZE", "0", "DATA.BATCH_SIZE must be >= 1"),
+    ("ENGINE.EVAL_BATCH_SIZE", "0", "ENGINE.EVAL_BATCH_SIZE must be >= 1"),
+    ("MODEL.H2T.DROPOUT", "1.0", "MODEL.H2T.DROPOUT must be in [0, 1)"),
+    ("MODEL.H2T.NUM_QUERY_TOKENS", "-1", "MODEL.H2T.NUM_QUERY_TOKENS must be >= 0"),
+    ("MODEL.H2T.KEEP_FRAC", "0.0", "MODEL.H2T.KEEP_FRAC must be in (0, 1]"),
+    ("MODEL.H2T.KEEP_FRAC", "1.5", "MODEL.H2T.KEEP_FRAC must be in (0, 1]"),
+    ("MODEL.H2T.LRP_COEF", "-0.1", "MODEL.H2T.LRP_COEF must be >= 0"),
+    ("SOLVER.MOMENTUM", "1.0", "SOLVER.MOMENTUM must be in [0, 1)"),
+    ("SOLVER.LOG_EVERY_N", "0", "SOLVER.LOG_EVERY_N must be >= 1"),
+    ("SOLVER.BASE_LR", "0.0", "SOLVER.BASE_LR must be > 0"),
+    ("SOLVER.WEIGHT_DECAY", "-0.001", "SOLVER.WEIGHT_DECAY must be >= 0"),
+    ("DATA.CROPSIZE", "0", "DATA.CROPSIZE must be >= 1"),
+    ("DATA.NUMBER_CLASSES", "1", "DATA.NUMBER_CLASSES must be -1 (unset) or >= 2"),
+    ("SEED", "1.5", "SEED must be a whole number (got 1.5)"),
+    ("SEED", "abc", "SEED must be a whole number >= 0"),
+])
+def test_bad_values_stop_before_anything_is_written(assets, tmp_path, capsys, key, value, message):
+    assert train.main(_args(assets, str(tmp_path / "x"), over=[key, value])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sparsity_launcher_checks_the_fraction(tmp_path):
+    for fraction in ("0", "1.5", "abc", "-0.5", "0.7x"):
+        p = subprocess.run(["bash", "scripts/VQT/run_vqt_vtab_sparsity.sh", "0", NAME, "10", "1", "adam",
+                            "demo_vit_tiny", fraction], cwd=ROOT, capture_output=True, text=True, check=False,
+                           env={**os.environ, "PYTHON": "false", "EXP_ROOT": str(tmp_path)})
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr == f"error: FRACTION '{fraction}' must be a number in (0, 1], e.g. 0.7 (the fraction of features kept)\n"
+
+
 def test_missing_checkpoint_names_the_file(assets, tmp_path, capsys):
     assert train.main(_args(assets, str(tmp_path / "x"), over=["MODEL.WEIGHT_PATH", str(tmp_path / "nope.npz")])) == 2
     assert "nope.npz" in capsys.readouterr().err
