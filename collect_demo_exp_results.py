@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from src.errors import VQTError
+from src.utils.layout import PHASES, RunDir, last_epoch, run_name, stage_name, task_dir
 from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
 
 
@@ -88,17 +87,14 @@ class Cell:
 def run_subdir(setting: str, task: DemoTask) -> str | None:
     """Folder between the lr/wd folder and run{k}: keep_frac_F for sparsity settings (None if the task has
     no keep fraction), nothing otherwise."""
-    if setting.endswith("_sparsefinal"):
-        return None if task.fraction is None else f"keep_frac_{task.fraction}"
+    if setting.endswith(PHASES["sparse"]):
+        return None if task.fraction is None else stage_name("featselect", task.fraction)
     return ""
 
 
 def done_status(run_dir: Path) -> dict | None:
     """The DONE record of a run folder, None when absent (interrupted) or unreadable."""
-    try:
-        return json.loads((run_dir / "DONE").read_text())
-    except (OSError, ValueError):
-        return None
+    return RunDir(str(run_dir)).done
 
 
 def read_run(run_dir: Path, k: int, name: str) -> Run:
@@ -111,10 +107,11 @@ def read_run(run_dir: Path, k: int, name: str) -> Run:
     if done.get("status") != "ok":
         return Run(k, "diverged" if done.get("status") == "diverged" else "unreadable",
                    detail=str(done.get("message") or f"DONE status {done.get('status')!r}"))
-    path = run_dir / "eval_results.pth"
+    run = RunDir(str(run_dir))
+    path = Path(run.results_file)
     try:
-        results = torch.load(path, weights_only=True)
-        last = max(int(key.split("_", 1)[1]) for key in results if key.startswith("epoch_"))
+        results = run.load_results()
+        last = last_epoch(results)
         top1 = results[f"epoch_{last}"]["classification"][f"test_{name}"]["top1"]
     except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
         return Run(k, "unreadable", detail=f"{path.name}: {type(err).__name__}: {err}")
@@ -123,18 +120,18 @@ def read_run(run_dir: Path, k: int, name: str) -> Run:
 
 def _count_ok(hp_dir: Path, sub: str, n_runs: int) -> tuple[int, int]:
     """(runs with DONE status ok, run folders present) in one lr/wd folder."""
-    dirs = [hp_dir / sub / f"run{k}" for k in range(1, n_runs + 1)]
+    dirs = [hp_dir / sub / run_name(k) for k in range(1, n_runs + 1)]
     return (sum((done_status(d) or {}).get("status") == "ok" for d in dirs), sum(d.is_dir() for d in dirs))
 
 
 def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs: int) -> Cell | None:
     """Read one (setting, task); None when its folder does not exist (or the setting does not apply)."""
-    task_dir = root / setting / task.name / feature
+    folder = Path(task_dir(str(root / setting), task.name, feature))
     sub = run_subdir(setting, task)
-    if sub is None or not task_dir.is_dir():
+    if sub is None or not folder.is_dir():
         return None
-    cell = Cell(setting, task, task_dir)
-    counts = {d.name: _count_ok(d, sub, n_runs) for d in sorted(task_dir.iterdir()) if d.is_dir()}
+    cell = Cell(setting, task, folder)
+    counts = {d.name: _count_ok(d, sub, n_runs) for d in sorted(folder.iterdir()) if d.is_dir()}
     if not counts:
         return cell
     cell.hyparam = max(counts, key=counts.__getitem__)  # most ok runs, then most run folders, then name order
@@ -142,7 +139,7 @@ def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs:
     if len(holding) > 1:
         cell.note = (f"several lr/wd folders hold complete runs: "
                      f"{', '.join(f'{h} ({counts[h][0]} ok)' for h in holding)}; using {cell.hyparam}")
-    cell.runs = [read_run(task_dir / cell.hyparam / sub / f"run{k}", k, task.name) for k in range(1, n_runs + 1)]
+    cell.runs = [read_run(folder / cell.hyparam / sub / run_name(k), k, task.name) for k in range(1, n_runs + 1)]
     return cell
 
 

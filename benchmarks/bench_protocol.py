@@ -43,7 +43,7 @@ from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.protocol import FINAL_SEEDS, lr_wd_grid, resolve_device
 from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, TaskData, TestStream
+from src.engine.runs import Recipe, Run, TaskData, SplitStream
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
 from src.models.vqt import VQT, Members, QuerySpec
@@ -148,7 +148,7 @@ def final_runs(cfg: CfgNode, n: int) -> list[Run]:
 
 
 def task_data(a: argparse.Namespace, images: ImageSet, device: torch.device, train: int,
-              test: TestStream | None = None) -> TaskData:
+              test: SplitStream | None = None) -> TaskData:
     """train800 (or train800val200: `train` rows) and val200 of `images`, and the test stream if any."""
     return TaskData(images, torch.arange(train), torch.arange(N_TRAIN, len(images)), a.img_size, device,
                     None if test is None else lambda: test)
@@ -170,7 +170,7 @@ def train_reference(cfg: CfgNode, backbone: VisionTransformer, runs: list[Run], 
         record.finish(model.trained_state())
 
 
-def timed_test(a: argparse.Namespace, laps: list[float]) -> TestStream:
+def timed_test(a: argparse.Namespace, laps: list[float]) -> SplitStream:
     """The synthetic test set as a stream; appends the time from its first batch request to its end to `laps`."""
     test = synthetic(a.test_size, a.classes, 2)
 
@@ -179,7 +179,7 @@ def timed_test(a: argparse.Namespace, laps: list[float]) -> TestStream:
         for i in range(0, len(test), a.batch_size):
             yield test.images[i:i + a.batch_size], test.labels[i:i + a.batch_size]
         laps.append(time.perf_counter() - start)
-    return TestStream(len(test), batches())
+    return SplitStream(len(test), batches())
 
 
 def fast_path(a: argparse.Namespace) -> dict:

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +27,8 @@ from src.configs.vit_configs import MODEL_ZOO
 from src.errors import VQTError
 
 TIMEOUT_S = 10.0
+STALL_TIMEOUT_S = 60.0
+STALL_BYTES = 16 << 10  # a download that gets less than this in the stall timeout has stalled
 CHUNK = 1 << 20
 SUMS_FILE = "SHA256SUMS"
 
@@ -102,7 +105,7 @@ def check_format(path: Path, fmt: str) -> str | None:
     return None if head.startswith(b"\x80\x02") else "neither a zip nor a pickle torch file"
 
 
-def _download(url: str, part: Path, timeout: float, manual: str) -> None:
+def _download(url: str, part: Path, timeout: float, manual: str, stall_timeout: float) -> None:
     """Fetch `url` into `part`, resuming from its current size when the server supports ranges."""
     start = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "vqt-download-weights"} | ({"Range": f"bytes={start}-"} if start else {})
@@ -111,7 +114,7 @@ def _download(url: str, part: Path, timeout: float, manual: str) -> None:
     except urllib.error.HTTPError as err:
         if err.code == 416 and start:  # the .part is stale (already complete or longer): start over
             part.unlink()
-            return _download(url, part, timeout, manual)
+            return _download(url, part, timeout, manual, stall_timeout)
         raise VQTError(f"HTTP {err.code} {err.reason} from {url}: {manual}") from None
     except ValueError as err:
         raise VQTError(f"bad URL {url!r} ({err}): check --mirror") from None
@@ -132,9 +135,10 @@ def _download(url: str, part: Path, timeout: float, manual: str) -> None:
                 total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem,
                 disable=None) as bar:
             try:
-                while chunk := resp.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                _copy(resp, f, bar, stall_timeout)
+            except TimeoutError:
+                raise VQTError(f"download of {url} stalled after {f.tell()} bytes (see --stall-timeout): "
+                               f"rerun to resume, use --mirror, or {manual}") from None
             except (OSError, HTTPException) as err:
                 raise VQTError(f"download of {url} interrupted after {f.tell()} bytes ({err!r}): rerun to resume"
                                ) from None
@@ -142,8 +146,21 @@ def _download(url: str, part: Path, timeout: float, manual: str) -> None:
         raise VQTError(f"download of {url} stopped at {part.stat().st_size} of {total} bytes: rerun to resume")
 
 
+def _copy(resp, f, bar, stall_timeout: float) -> None:
+    """Copy the body of `resp` into `f`; TimeoutError when less than STALL_BYTES arrive within `stall_timeout` s."""
+    since, received = time.monotonic(), 0
+    while chunk := resp.read1(CHUNK):
+        f.write(chunk)
+        bar.update(len(chunk))
+        received += len(chunk)
+        if received >= STALL_BYTES:
+            since, received = time.monotonic(), 0
+        elif time.monotonic() - since > stall_timeout:
+            raise TimeoutError
+
+
 def fetch(feature: str, dest: str | Path = "pre-trained_weights", mirror: str | None = None, force: bool = False,
-          timeout: float = TIMEOUT_S) -> str:
+          timeout: float = TIMEOUT_S, stall_timeout: float = STALL_TIMEOUT_S) -> str:
     """Make sure DEST holds the checkpoint of `feature` and SHA256SUMS lists it; returns what was done.
 
     A present file is verified against SHA256SUMS (or checked and recorded there); otherwise it is
@@ -174,7 +191,7 @@ def fetch(feature: str, dest: str | Path = "pre-trained_weights", mirror: str | 
         _check_known(src, digest, target)
         write_sums(dest, sums | {entry.file: digest})
         return f"{entry.file}: present, sha256 recorded in {SUMS_FILE}"
-    _download(url, part, timeout, manual)
+    _download(url, part, timeout, manual, stall_timeout)
     problem = check_format(part, entry.format)
     if problem:
         part.unlink()
@@ -199,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dest", default="pre-trained_weights", help="folder (MODEL.MODEL_ROOT)")
     p.add_argument("--mirror", help="base URL serving the files under their MODEL_ZOO names")
     p.add_argument("--force", action="store_true", help="download again even if the file is present")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="S",
+                   help=f"give up when less than {STALL_BYTES >> 10} KiB arrive in S seconds (default %(default)g)")
     return p.parse_args(argv)
 
 
@@ -208,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for feature in args.features:
         try:
-            print(f"[ok] {fetch(feature, args.dest, args.mirror, args.force)}", flush=True)
+            done = fetch(feature, args.dest, args.mirror, args.force, stall_timeout=args.stall_timeout)
+            print(f"[ok] {done}", flush=True)
         except VQTError as err:
             failed += 1
             print(f"error: {feature}: {err}", file=sys.stderr, flush=True)

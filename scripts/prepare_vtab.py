@@ -3,6 +3,7 @@
     python scripts/prepare_vtab.py --data-dir vtab_data                      # all 19 tasks
     python scripts/prepare_vtab.py --data-dir vtab_data --tasks vtab-dtd 'vtab-clevr(task="count_all")'
     python scripts/prepare_vtab.py --data-dir vtab_data --check              # table of OK / MISSING
+    python scripts/prepare_vtab.py --data-dir vtab_data --check --deep       # also read every record
 
 Prepared data is never re-downloaded. diabetic_retinopathy and resisc45 need a manual download
 first (instructions are printed). oxford_iiit_pet and kitti are prepared at the versions modern
@@ -11,6 +12,7 @@ TFDS can still build (4.0.0, 3.3.0); see `src.data.loader.resolve_spec`.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import socket
@@ -20,7 +22,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.data.loader import EXPECTED_SIZES, import_tfds, open_builder, prepare_command, resolve_spec, split_sizes
+from src.configs.defaults import get_cfg
+from src.data.loader import (
+    EXPECTED_SIZES,
+    check_task_data,
+    import_tfds,
+    open_builder,
+    prepare_command,
+    resolve_spec,
+    split_sizes,
+)
 from src.data.tasks import TASKS, VTABTask, get_task
 from src.errors import VQTError, run_cli
 
@@ -131,8 +142,9 @@ def prepare(tasks: list[VTABTask], data_dir: str) -> int:
     return 1 if problems else 0
 
 
-def check(tasks: list[VTABTask], data_dir: str) -> int:
-    """Print the VTAB-1k split sizes of every task; non-zero if any is missing or wrong."""
+def check(tasks: list[VTABTask], data_dir: str, deep: bool = False) -> int:
+    """Print the VTAB-1k split sizes of every task; non-zero if any is missing or wrong. With `deep`,
+    every record of the task's splits is read too (CORRUPT, and why, when one cannot be)."""
     width = max(len(t.name) for t in tasks)
     print(f"{'task':<{width}}  {'TFDS':<52} {'train800':>8} {'val200':>6} {'trainval':>8} {'test':>6}  status")
     bad = 0
@@ -145,11 +157,26 @@ def check(tasks: list[VTABTask], data_dir: str) -> int:
             bad += 1
             continue
         ok = all(sizes[s] == n for s, n in EXPECTED_SIZES.items()) and sizes["test"] > 0
-        bad += not ok
+        problem = _read_all(task, data_dir) if ok and deep else ""
+        status = "CORRUPT" if problem else ("OK" if ok else "WRONG SIZES")
+        bad += status != "OK"
         print(f"{task.name:<{width}}  {builder.info.full_name:<52} {sizes['train800']:>8} {sizes['val200']:>6} "
-              f"{sizes['train800val200']:>8} {sizes['test']:>6}  {'OK' if ok else 'WRONG SIZES'}")
+              f"{sizes['train800val200']:>8} {sizes['test']:>6}  {status}")
+        if problem:
+            print(f"    {problem}")
     print(f"{len(tasks) - bad}/{len(tasks)} tasks OK in {data_dir}")
     return 1 if bad else 0
+
+
+def _read_all(task: VTABTask, data_dir: str) -> str:
+    """Why some record of the task's splits cannot be read, or "" when all can."""
+    cfg = get_cfg()
+    cfg.DATA.NAME, cfg.DATA.DATAPATH, cfg.DATA.NUMBER_CLASSES = task.name, data_dir, task.num_classes
+    try:
+        check_task_data(cfg)
+    except VQTError as e:
+        return str(e)
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="vtab_data", help="TFDS data_dir (DATA.DATAPATH)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="DATA.NAME", help="default: all 19")
     p.add_argument("--check", action="store_true", help="only report which tasks are prepared")
+    p.add_argument("--deep", action="store_true", help="with --check: read every record (finds corrupt files)")
     args = p.parse_args(argv)
-    return run_cli(lambda: (check if args.check else prepare)([get_task(n) for n in args.tasks], args.data_dir))
+    if args.deep and not args.check:
+        p.error("--deep goes with --check")
+    run = functools.partial(check, deep=args.deep) if args.check else prepare
+    return run_cli(lambda: run([get_task(n) for n in args.tasks], args.data_dir))
 
 
 if __name__ == "__main__":

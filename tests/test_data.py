@@ -2,6 +2,7 @@
 genuine on-disk TFDS / image-folder data written by `src.data.synthetic` (no mocks)."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import time
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from src.configs.defaults import get_cfg
-from src.data.loader import load_split, resolve_spec, stream_split
+from src.data.loader import check_task_data, load_split, resolve_spec, stream_split
 from src.data.preprocess import preprocess
 from src.data.synthetic import write_fake_imagefolder, write_fake_tfds
 from src.data.tasks import SPLITS, TASKS, get_task, parse_name
@@ -271,6 +272,42 @@ def test_too_small_dataset_is_reported(tmp_path):
         load_split(_cfg("vtab-dtd", str(tmp_path)), "train800")
 
 
+@pytest.fixture(scope="module")
+def corrupt_dtd(tmp_path_factory) -> str:
+    """A data_dir whose vtab-dtd test shard has 16 zeroed bytes in its middle."""
+    data_dir = str(tmp_path_factory.mktemp("corrupt"))
+    (shard,) = glob.glob(os.path.join(write_fake_tfds("vtab-dtd", data_dir), "dtd-test.tfrecord-*"))
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        f.write(bytes(16))
+    return data_dir
+
+
+def test_check_task_data_reads_every_split(tfds_dir, tmp_path):
+    assert check_task_data(_cfg("vtab-eurosat", tfds_dir)) == {"train800": 800, "val200": 200, "test": 280}
+    folder = write_fake_imagefolder("vtab-dtd", str(tmp_path), {"train800": 4, "val200": 3, "test": 2})
+    cfg = _cfg("vtab-dtd", str(tmp_path), source="imagefolder")
+    assert check_task_data(cfg) == {"train800": 4, "val200": 3, "test": 2}
+    os.remove(os.path.join(folder, "images", "test", "00001.png"))
+    with pytest.raises(VQTError, match=r"00001.png, listed in .*test.txt, does not exist"):
+        check_task_data(cfg)
+
+
+def test_corrupt_record_is_one_clear_error(corrupt_dtd):
+    cfg = _cfg("vtab-dtd", corrupt_dtd)
+    with pytest.raises(VQTError) as e:
+        check_task_data(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"vtab-dtd: split test of TFDS dtd/3.0.1 in '{corrupt_dtd}' cannot be read (DataLossError: "
+                          "corrupted record at ")
+    assert msg.endswith(f"re-prepare it with: python scripts/prepare_vtab.py --data-dir {corrupt_dtd} --tasks vtab-dtd")
+    assert "\n" not in msg and "{{" not in msg
+    assert len(load_split(cfg, "val200")) == 200
+    for read in (lambda: load_split(cfg, "test"), lambda: list(stream_split(cfg, "test", 16)[1])):
+        with pytest.raises(VQTError, match="^vtab-dtd: split test of TFDS dtd/3.0.1 .* cannot be read"):
+            read()
+
+
 def test_old_pet_version_is_preferred(tmp_path):
     task = get_task("vtab-oxford_iiit_pet")
     with pytest.raises(VQTError, match="oxford_iiit_pet:3.*.* or oxford_iiit_pet:4"):
@@ -321,6 +358,16 @@ def test_prepare_check(tfds_dir, capsys):
     for name, status in rows.items():
         assert status == ("OK" if name in READY else "MISSING"), name
     assert script.main(["--data-dir", tfds_dir, "--check", "--tasks", "vtab-eurosat", KITTI]) == 0
+
+
+def test_prepare_check_deep_reads_every_record(corrupt_dtd, capsys):
+    script = _prepare_script()
+    assert script.main(["--data-dir", corrupt_dtd, "--check", "--tasks", "vtab-dtd"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("OK")
+    assert script.main(["--data-dir", corrupt_dtd, "--check", "--deep", "--tasks", "vtab-dtd"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("CORRUPT") and lines[2].strip().startswith("vtab-dtd: split test of TFDS dtd/3.0.1")
+    assert lines[-1] == f"0/1 tasks OK in {corrupt_dtd}"
 
 
 def test_prepare_manual_dataset_prints_instructions(tmp_path, capsys):

@@ -50,6 +50,7 @@ class Server:
         self.files = {NAMES["sup_vitb16_imagenet1k"]: _npz(1), NAMES["sup_vitb16_imagenet21k"]: _npz(2),
                       NAMES["mae_vitb16"]: _pth()}
         self.truncate: set[str] = set()
+        self.trickle: set[str] = set()  # names sent one byte every 0.2 s
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -67,6 +68,15 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
+                if name in server.trickle:
+                    for i in range(start, min(start + 50, len(data))):
+                        time.sleep(0.2)
+                        try:
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                        except OSError:  # the client gave up
+                            return
+                    return
                 if name in server.truncate:
                     server.truncate.discard(name)
                     self.wfile.write(data[start:start + (len(data) - start) // 2])
@@ -152,6 +162,20 @@ def test_interrupted_download_resumes(server, tmp_path):
     dw.fetch("mae_vitb16", tmp_path, server.url)
     assert server.requests[-1] == (name, f"bytes={half}-")  # only the rest was fetched
     assert (tmp_path / name).read_bytes() == server.files[name] and not part.exists()
+
+
+def test_stalled_download_fails_fast_with_instructions(server, tmp_path, capsys):
+    name = NAMES["mae_vitb16"]
+    server.trickle.add(name)
+    t0 = time.monotonic()
+    argv = ["--dest", str(tmp_path), "--features", "mae_vitb16", "--mirror", server.url, "--stall-timeout", "1"]
+    assert dw.main(argv) == 1
+    assert time.monotonic() - t0 < 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: mae_vitb16: download of {server.url}/{name} stalled after ") and "Traceback" not in err
+    assert f"rerun to resume, use --mirror, or download {name} manually from {server.url}/{name}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / name).exists()
 
 
 def test_known_sha256_is_enforced(server, tmp_path, monkeypatch):

@@ -2,7 +2,13 @@
 bookkeeping, metrics (grid vs reference training: tests/test_grid.py)."""
 from __future__ import annotations
 
+import errno
 import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,17 +16,21 @@ import torch
 
 from src.configs.defaults import load_cfg
 from src.data.loader import ImageSet
+from src.engine import frozen as frozen_mod
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.metrics import classification_metrics
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, TaskData
+from src.errors import VQTError
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
 from src.models.vqt import Members, QuerySpec
 from src.solver.optim import StackedOptimizer
 from src.solver.schedule import lr_factor
 from src.utils.layout import RunDir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -127,6 +137,82 @@ def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
     assert torch.equal(fa, fb) and all(torch.equal(x, y) for p, q in zip(ka, kb) for x, y in zip(p, q))
     disk.close()
     assert not list((tmp_path / "cache").iterdir())
+
+
+def test_disk_cache_on_a_full_disk_is_one_clear_error(backbone, images, tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(frozen_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    with pytest.raises(VQTError) as info:
+        FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk", scratch_dir=str(folder))
+    msg = str(info.value)
+    assert msg.startswith(f"the frozen-path disk cache needs 0.00 GiB in {folder} but 0.00 GiB are free")
+    assert "ENGINE.CACHE_DTYPE bfloat16" in msg and "ENGINE.CACHE off" in msg and "OUTPUT_DIR" in msg
+    assert list(folder.iterdir()) == []
+
+
+def test_failed_allocation_is_one_clear_error(backbone, images, tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(frozen_mod.os, "posix_fallocate", full)
+    with pytest.raises(VQTError, match=r"disk cache needs .* GiB are free \(No space left on device\): free space"):
+        FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk",
+                       scratch_dir=str(tmp_path / "cache"), dtype="bfloat16")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_caches_of_dead_processes_are_removed(tmp_path):
+    host = frozen_mod._host()
+    stale = tmp_path / f"vqt_cache_{host}_{_dead_pid()}_abc_1234.bin"
+    live = tmp_path / f"vqt_cache_{host}_{os.getpid()}_x1y2z3w4.bin"
+    other_host = tmp_path / f"vqt_cache_{host}-elsewhere_{_dead_pid()}_abcd1234.bin"
+    foreign = [tmp_path / "vqt_cache_abcd1234.bin", tmp_path / "notes.txt", tmp_path / f"{stale.name}.keep"]
+    for path in [stale, live, other_host, *foreign]:
+        path.write_bytes(b"x")
+    assert frozen_mod.remove_stale_caches(str(tmp_path)) == [str(stale)]
+    assert sorted(tmp_path.iterdir()) == sorted([live, other_host, *foreign])
+
+
+_SLEEP_ON_A_DISK_CACHE = """
+import sys, time
+import numpy as np, torch
+from src.configs.vit_configs import ViTArch
+from src.data.loader import ImageSet
+from src.engine import frozen as frozen_mod
+from src.engine.frozen import FrozenFeatures
+from src.errors import VQTError
+from src.errors import run_cli
+from src.models.vit import VisionTransformer
+
+def main():
+    model = VisionTransformer(ViTArch(patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_dim=64), img_size=32)
+    images = ImageSet([np.zeros((32, 32, 3), np.uint8)] * 8, np.zeros(8, np.int64))
+    FrozenFeatures(model.eval(), images, 32, torch.device("cpu"), cache=True, location="disk", scratch_dir=sys.argv[1])
+    print("ready", flush=True)
+    time.sleep(60)
+
+sys.exit(run_cli(main))
+"""
+
+
+def test_sigterm_leaves_no_cache_file(tmp_path):
+    folder = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, "-c", _SLEEP_ON_A_DISK_CACHE, str(folder)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert list(folder.iterdir()) == []
 
 
 def _train(cfg, backbone, images, specs, root, cache=True):

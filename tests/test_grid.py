@@ -13,7 +13,7 @@ from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid, passes
 from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, TaskData, TestStream
+from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
 from src.models.vqt import HEAD_W, QUERY_KEY, VQT, Members, QuerySpec
@@ -55,8 +55,8 @@ def _cfg(**over):
 
 
 def _data(images: ImageSet, test: ImageSet) -> TaskData:
-    def stream() -> TestStream:
-        return TestStream(len(test), ((test.images[i:i + 16], test.labels[i:i + 16]) for i in range(0, len(test), 16)))
+    def stream() -> SplitStream:
+        return SplitStream(len(test), ((test.images[i:i + 16], test.labels[i:i + 16]) for i in range(0, len(test), 16)))
     return TaskData(images, torch.arange(40), torch.arange(40, 60), 32, CPU, stream)
 
 

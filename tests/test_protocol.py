@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from yacs.config import CfgNode
 
 import train
+from src.configs.defaults import get_cfg
 from src.configs.vit_configs import VIT_DEMO
 from src.data.synthetic import write_fake_tfds
 from src.engine.protocol import FINAL_SEEDS
@@ -149,6 +152,42 @@ def test_bad_input_is_one_clear_line(assets, tmp_path, capsys, extra, message):
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("SOLVER.TOTAL_EPOCH", "0", "SOLVER.TOTAL_EPOCH must be >= 1 (got 0)"),
+    ("SOLVER.WARMUP_EPOCH", "3", "SOLVER.WARMUP_EPOCH (3) must be below SOLVER.TOTAL_EPOCH (3)"),
+    ("SOLVER.WARMUP_EPOCH", "-1", "SOLVER.WARMUP_EPOCH must be >= 0"),
+    ("DATA.BATCH_SIZE", "0", "DATA.BATCH_SIZE must be >= 1"),
+    ("ENGINE.EVAL_BATCH_SIZE", "0", "ENGINE.EVAL_BATCH_SIZE must be >= 1"),
+    ("MODEL.H2T.DROPOUT", "1.0", "MODEL.H2T.DROPOUT must be in [0, 1)"),
+    ("MODEL.H2T.NUM_QUERY_TOKENS", "-1", "MODEL.H2T.NUM_QUERY_TOKENS must be >= 0"),
+    ("MODEL.H2T.KEEP_FRAC", "0.0", "MODEL.H2T.KEEP_FRAC must be in (0, 1]"),
+    ("MODEL.H2T.KEEP_FRAC", "1.5", "MODEL.H2T.KEEP_FRAC must be in (0, 1]"),
+    ("MODEL.H2T.LRP_COEF", "-0.1", "MODEL.H2T.LRP_COEF must be >= 0"),
+    ("SOLVER.MOMENTUM", "1.0", "SOLVER.MOMENTUM must be in [0, 1)"),
+    ("SOLVER.LOG_EVERY_N", "0", "SOLVER.LOG_EVERY_N must be >= 1"),
+    ("SOLVER.BASE_LR", "0.0", "SOLVER.BASE_LR must be > 0"),
+    ("SOLVER.WEIGHT_DECAY", "-0.001", "SOLVER.WEIGHT_DECAY must be >= 0"),
+    ("DATA.CROPSIZE", "0", "DATA.CROPSIZE must be >= 1"),
+    ("DATA.NUMBER_CLASSES", "1", "DATA.NUMBER_CLASSES must be -1 (unset) or >= 2"),
+    ("SEED", "1.5", "SEED must be a whole number (got 1.5)"),
+    ("SEED", "abc", "SEED must be a whole number >= 0"),
+])
+def test_bad_values_stop_before_anything_is_written(assets, tmp_path, capsys, key, value, message):
+    assert train.main(_args(assets, str(tmp_path / "x"), over=[key, value])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sparsity_launcher_checks_the_fraction(tmp_path):
+    for fraction in ("0", "1.5", "abc", "-0.5", "0.7x"):
+        p = subprocess.run(["bash", "scripts/VQT/run_vqt_vtab_sparsity.sh", "0", NAME, "10", "1", "adam",
+                            "demo_vit_tiny", fraction], cwd=ROOT, capture_output=True, text=True, check=False,
+                           env={**os.environ, "PYTHON": "false", "EXP_ROOT": str(tmp_path)})
+        assert p.returncode == 2 and p.stdout == ""
+        assert p.stderr == f"error: FRACTION '{fraction}' must be a number in (0, 1], e.g. 0.7 (the fraction of features kept)\n"
+
+
 def test_missing_checkpoint_names_the_file(assets, tmp_path, capsys):
     assert train.main(_args(assets, str(tmp_path / "x"), over=["MODEL.WEIGHT_PATH", str(tmp_path / "nope.npz")])) == 2
     assert "nope.npz" in capsys.readouterr().err
@@ -168,3 +207,73 @@ def test_run_demo_exp_runs_the_19_tasks_of_the_paper():
     rows += [(n, int(c), int(q), None) for n, c, q in re.findall(row, plain, flags=re.MULTILINE)]
     assert "run_vqt_vtab_sparsity.sh" in sparse and "run_vqt_vtab_sparsity.sh" not in plain
     assert sorted(rows) == sorted((t.name, t.classes, t.q, t.fraction) for t in DEMO_TASKS)
+
+
+def _leaves(node, prefix=""):
+    return [k for key, v in node.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, CfgNode)
+                                                     else [prefix + key])]
+
+
+# Keys whose only job is to reject what is not implemented: a value that must stop the run.
+REJECTING = {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.MLP_NUM": "1", "SOLVER.LOSS": "sigmoid",
+             "SOLVER.PATIENCE": "2", "DATA.MULTILABEL": "True", "DATA.CLASS_WEIGHTS_TYPE": "inv"}
+
+
+def test_every_config_key_is_read_or_rejects(assets, tmp_path, monkeypatch, capsys):
+    """Walk every key: each is read by the code that runs the protocol (search, finals, compress,
+    featselect), validation aside, or its non-default values are rejected with one line."""
+    sections = {frozenset(node.keys()): prefix for prefix, node in _sections(get_cfg())}
+    used, lookup = set(), CfgNode.__getattr__
+
+    def tracking(self, name):
+        caller = sys._getframe(1).f_code
+        if not caller.co_filename.endswith("checks.py") and caller.co_name != "check_supported":
+            used.add(sections.get(frozenset(self.keys()), "?") + name)
+        return lookup(self, name)
+
+    monkeypatch.setattr(CfgNode, "__getattr__", tracking)
+    out = str(tmp_path / "VQTSup_2_adam")
+    assert train.main(_args(assets, out, over=["SOLVER.TOTAL_EPOCH", "2"])) == 0
+    assert train.main(_args(assets, out, "--sparse-mode", "compress", over=["MODEL.H2T.LRP_COEF", "0.0001"])) == 0
+    assert train.main(_args(assets, out, "--sparse-mode", "featselect", over=["MODEL.H2T.KEEP_FRAC", "0.5"])) == 0
+    monkeypatch.undo()
+    leaves = set(_leaves(get_cfg()))
+    assert leaves - used == set(REJECTING)
+    for key, value in REJECTING.items():
+        assert train.main(_args(assets, str(tmp_path / "bad"), over=[key, value])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and key.split(".")[-1] in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "bad_val")
+
+
+def _sections(node, prefix=""):
+    yield prefix, node
+    for key, v in node.items():
+        if isinstance(v, CfgNode):
+            yield from _sections(v, f"{prefix}{key}.")
+
+
+def test_given_lr_wd_skip_the_search_and_mean_exactly_that(assets, tmp_path):
+    out = str(tmp_path / "exp")
+    assert train.main(_args(assets, out, "--lr", "0.07", "--wd", "0.001")) == 0
+    assert not os.path.exists(out + "_val")
+    assert [r.split("/")[0] for r in _runs(out, "_final")] == ["lr0.07_wd0.001_bs128"] * 5
+    cfg_text = Path(_task_dir(out, "_final"), "lr0.07_wd0.001_bs128", "run1", "config.yaml").read_text()
+    assert "BASE_LR: 0.07" in cfg_text and "WEIGHT_DECAY: 0.001" in cfg_text
+
+
+def test_a_variant_the_grid_cannot_express_runs_on_the_reference_loop(assets, tmp_path, capsys):
+    out = str(tmp_path / "exp")
+    over = ["MODEL.H2T.QUERY_ATTENDS_QUERIES", "True", "SOLVER.TOTAL_EPOCH", "2"]
+    assert train.main(_args(assets, out, "--lr", "0.05", "--wd", "0.0", over=over)) == 0
+    stdout = capsys.readouterr().out
+    assert "QUERY_ATTENDS_QUERIES" in stdout and "training on the reference path" in stdout
+    assert "final: 5 runs to train on the reference loop" in stdout
+    assert len(_runs(out, "_final")) == 5
+
+
+def test_each_phase_logs_to_its_own_task_log(finished):
+    search = Path(_task_dir(finished, "_val"), "logs.txt").read_text()
+    final = Path(_task_dir(finished, "_final"), "logs.txt").read_text()
+    assert "search: 20 runs to train" in search and "final:" not in search
+    assert "final: 5 runs to train" in final and "search:" not in final

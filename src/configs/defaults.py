@@ -5,6 +5,7 @@ import os
 
 from yacs.config import CfgNode
 
+from src.configs.checks import check_values, type_problem
 from src.errors import VQTError
 
 _C = CfgNode()
@@ -104,6 +105,7 @@ def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
             node = node[part]
         try:
             cfg.merge_from_list([key, value])
-        except (ValueError, AssertionError) as e:
-            raise VQTError(f"config override {key} {value}: {e} (floats need a dot, e.g. 1.0)") from None
+        except (ValueError, AssertionError):
+            raise VQTError(type_problem(key, node, value)) from None
+    check_values(cfg)
     return cfg

@@ -12,6 +12,7 @@ import functools
 import glob
 import logging
 import os
+import re
 import shlex
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -145,7 +146,8 @@ def _decoders(task: VTABTask):
     return tfds.decode.PartialDecoding(features)
 
 
-def _tfds_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
+def _tfds_dataset(cfg, task: VTABTask, split: str, decoders):
+    """(builder, number of examples, tf.data dataset) of a VTAB-1k split, its size checked."""
     data_dir = cfg.DATA.DATAPATH
     builder = open_builder(task, data_dir)
     expr = split_exprs(task, builder)[split]
@@ -158,11 +160,76 @@ def _tfds_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple[n
     tfds = import_tfds()
     read_config = tfds.ReadConfig(interleave_cycle_length=1,
                                   num_parallel_calls_for_decode=max(1, int(cfg.DATA.NUM_WORKERS)))
-    ds = builder.as_dataset(split=expr, shuffle_files=False, decoders=_decoders(task), read_config=read_config)
-    return n, (task.example_to_image_label(ex) for ex in tfds.as_numpy(ds))
+    ds = builder.as_dataset(split=expr, shuffle_files=False, decoders=decoders, read_config=read_config)
+    return builder, n, ds
 
 
-def _folder_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
+def _unreadable(task: VTABTask, builder, split: str, data_dir: str, err: Exception) -> VQTError:
+    detail = str(getattr(err, "message", err)).strip().splitlines()[0]
+    detail = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", detail).strip()  # TF's op and function names
+    return VQTError(f"{task.name}: split {split} of TFDS {builder.info.full_name} in {data_dir!r} cannot be read "
+                    f"({type(err).__name__}: {detail}): the data is corrupt. Delete {builder.data_dir} and "
+                    f"re-prepare it with: {prepare_command(data_dir, task)}")
+
+
+def _tfds_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
+    builder, n, ds = _tfds_dataset(cfg, task, split, _decoders(task))
+    return n, _tfds_examples(ds, task, builder, split, cfg.DATA.DATAPATH)
+
+
+def _tfds_examples(ds, task: VTABTask, builder, split: str, data_dir: str) -> Iterator[tuple[np.ndarray, int]]:
+    import tensorflow as tf
+
+    try:
+        for ex in import_tfds().as_numpy(ds):
+            yield task.example_to_image_label(ex)
+    except tf.errors.OpError as e:
+        raise _unreadable(task, builder, split, data_dir, e) from None
+
+
+def _count_tfds_records(cfg, task: VTABTask, split: str) -> int:
+    """Read every record of a split (images not decoded, so corrupt records are found fast)."""
+    import tensorflow as tf
+
+    tfds = import_tfds()
+    decoders = tfds.decode.PartialDecoding({"image": True}, decoders={"image": tfds.decode.SkipDecoding()})
+    builder, n, ds = _tfds_dataset(cfg, task, split, decoders)
+    try:
+        count = int(ds.reduce(np.int64(0), lambda c, _: c + 1))
+    except tf.errors.OpError as e:
+        raise _unreadable(task, builder, split, cfg.DATA.DATAPATH, e) from None
+    if count != n:
+        raise VQTError(f"{task.name}: split {split} of TFDS {builder.info.full_name} in {cfg.DATA.DATAPATH!r} has "
+                       f"{count} records, its metadata says {n}: the data is incomplete. Delete {builder.data_dir} "
+                       f"and re-prepare it with: {prepare_command(cfg.DATA.DATAPATH, task)}")
+    return count
+
+
+def check_task_data(cfg) -> dict[str, int]:
+    """Read every record of the splits a task uses (train800, val200, test; train800val200 is their
+    union) without decoding images, so corrupt or missing data stops a run before any training.
+    Returns the number of examples of each; VQTError naming the dataset and the fix otherwise.
+    Image folders: every listed file must exist."""
+    task = get_task(cfg.DATA.NAME)
+    check_classes(cfg, task)
+    counts = {}
+    for split in ("train800", "val200", "test"):
+        if cfg.DATA.SOURCE == "tfds":
+            counts[split] = _count_tfds_records(cfg, task, split)
+        elif cfg.DATA.SOURCE == "imagefolder":
+            list_file, entries = _folder_entries(cfg, task, split)
+            missing = next((path for path, _ in entries if not os.path.isfile(path)), None)
+            if missing:
+                raise VQTError(f"{task.name}: {missing}, listed in {list_file}, does not exist: restore the "
+                               "image or re-create the VTAB-1k folder")
+            counts[split] = len(entries)
+        else:
+            raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds' or 'imagefolder'")
+    return counts
+
+
+def _folder_entries(cfg, task: VTABTask, split: str) -> tuple[str, list[tuple[str, int]]]:
+    """(list file, [(image path, label)]) of a split in NOAH's VTAB-1k layout."""
     root = os.path.join(cfg.DATA.DATAPATH, task.folder)
     list_file = os.path.join(root, f"{split}.txt")
     if not os.path.isfile(list_file):
@@ -177,6 +244,11 @@ def _folder_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise VQTError(f"{list_file}:{lineno}: expected '<relative image path> <int label>', got {line.strip()!r}")
             entries.append((os.path.join(root, parts[0]), int(parts[1])))
+    return list_file, entries
+
+
+def _folder_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
+    list_file, entries = _folder_entries(cfg, task, split)
     expected = EXPECTED_SIZES.get(split)
     if expected is not None and len(entries) != expected:
         log.warning("%s lists %d images; VTAB-1k has %d", list_file, len(entries), expected)

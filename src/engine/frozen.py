@@ -4,6 +4,9 @@ embedding dropout is on during training)."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 
@@ -18,11 +21,73 @@ from src.models.vit import KV, VisionTransformer
 from src.models.vqt import dropout_mask
 from src.utils.logging import get_logger
 
+_CACHE_FILE = re.compile(r"vqt_cache_([A-Za-z0-9-]+)_(\d+)_[a-z0-9_]+\.bin")  # vqt_cache_<host>_<pid>_<random>.bin
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
+def remove_stale_caches(folder: str) -> list[str]:
+    """Delete the cache files in `folder` that this host's dead processes left (SIGKILL); returns
+    their paths. Files of other hosts, of live processes, or not named by us are kept."""
+    removed = []
+    for name in os.listdir(folder):
+        m = _CACHE_FILE.fullmatch(name)
+        if m and m.group(1) == _host() and not _pid_alive(int(m.group(2))):
+            path = os.path.join(folder, name)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def disk_cache(shape: tuple[int, ...], dtype: torch.dtype, folder: str) -> torch.Tensor:
+    """A zero-filled tensor memory-mapped from a file in `folder`. The file is allocated in full
+    first (a full disk is a VQTError now, not a SIGBUS later) and unlinked once mapped, so the
+    space returns to the file system when the process ends, however it ends."""
+    os.makedirs(folder, exist_ok=True)
+    for path in remove_stale_caches(folder):
+        get_logger().info(f"removed a stale frozen-path cache of a dead process: {path}")
+    numel = int(np.prod(shape))
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise VQTError(_no_space(folder, nbytes, free, dtype))
+    fd, path = tempfile.mkstemp(prefix=f"vqt_cache_{_host()}_{os.getpid()}_", suffix=".bin", dir=folder)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise VQTError(_no_space(folder, nbytes, shutil.disk_usage(folder).free, dtype, e.strerror)) from None
+        return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+    finally:
+        os.close(fd)
+        os.remove(path)
+
+
+def _no_space(folder: str, nbytes: int, free: int, dtype: torch.dtype, reason: str = "") -> str:
+    half = ", set ENGINE.CACHE_DTYPE bfloat16 (half the size)" if dtype == torch.float32 else ""
+    return (f"the frozen-path disk cache needs {nbytes / 2**30:.2f} GiB in {folder} but "
+            f"{free / 2**30:.2f} GiB are free{f' ({reason})' if reason else ''}: free space there{half}, "
+            "set ENGINE.CACHE off, or point OUTPUT_DIR at a larger disk (the cache goes to OUTPUT_DIR_cache)")
 
 
 def _split_kv(kv: torch.Tensor) -> list[KV]:
@@ -59,7 +124,6 @@ class FrozenFeatures:
         self._copy_done = None
         self.labels = torch.as_tensor(images.labels, dtype=torch.long)
         self.cached = cache
-        self._file = None
         self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         if cache:
             self._build(DTYPES[dtype], location, batch_size, scratch_dir)
@@ -87,10 +151,7 @@ class FrozenFeatures:
             return torch.empty(shape, dtype=dtype, device=self.device if location == "device" else "cpu")
         if location != "disk":
             raise VQTError(f"ENGINE.CACHE_LOCATION {location!r} is not one of auto, device, cpu, disk")
-        os.makedirs(scratch_dir or tempfile.gettempdir(), exist_ok=True)
-        fd, self._file = tempfile.mkstemp(prefix="vqt_cache_", suffix=".bin", dir=scratch_dir)
-        os.close(fd)
-        return torch.from_file(self._file, shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+        return disk_cache(shape, dtype, scratch_dir or tempfile.gettempdir())
 
     @torch.no_grad()
     def _build(self, dtype: torch.dtype, location: str, batch_size: int, scratch_dir: str | None) -> None:
@@ -148,9 +209,6 @@ class FrozenFeatures:
         return feat, kvs, labels
 
     def close(self) -> None:
-        """Release the cache (and delete its disk file, if any)."""
+        """Release the cache (a disk cache's space is freed once its mapping is gone)."""
         self.kv = self.feat = None
         self._buffers.clear()
-        if self._file and os.path.exists(self._file):
-            os.remove(self._file)
-        self._file = None

@@ -14,13 +14,13 @@ import torch
 from yacs.config import CfgNode
 
 from src.configs.vit_configs import zoo_entry
-from src.data.loader import ImageSet, check_classes, load_split, stream_split
+from src.data.loader import ImageSet, check_classes, check_task_data, load_split, stream_split
 from src.data.tasks import get_task
 from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, TaskData, TestStream
+from src.engine.runs import Recipe, Run, TaskData, SplitStream
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
@@ -117,8 +117,7 @@ class Task:
         self.layout = Layout.from_cfg(cfg)
         self.spec = QuerySpec.from_cfg(cfg)
         self.device = resolve_device(cfg.DEVICE)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         self.grid = cfg.ENGINE.GRID and self.spec.stackable
         if cfg.ENGINE.GRID and not self.spec.stackable:
             get_logger().info("MODEL.H2T.QUERY_ATTENDS_QUERIES: the stacked engine packs runs into the token axis, "
@@ -157,8 +156,8 @@ class Task:
         return TaskData(self.images, rows, torch.arange(n_train, n), self.cfg.DATA.CROPSIZE, self.device,
                         self.test_set if test else None)
 
-    def test_set(self) -> TestStream:
-        return TestStream(*stream_split(self.cfg, "test", self.cfg.ENGINE.EVAL_BATCH_SIZE))
+    def test_set(self) -> SplitStream:
+        return SplitStream(*stream_split(self.cfg, "test", self.cfg.ENGINE.EVAL_BATCH_SIZE))
 
     def train(self, phase: str, runs: list[Run], recipe: Recipe, *, train: str, test: bool, save_ckpt: bool) -> None:
         """Train the runs of a phase that have no DONE record yet (interrupted ones are redone)."""
@@ -171,6 +170,8 @@ class Task:
                 if r.dir.incomplete:
                     logger.warning(f"incomplete run (no DONE marker), redoing it: {r.dir.path}")
                 todo.append(r)
+        engine = "stacked engine" if self.grid else "reference loop"
+        logger.info(f"{phase}: {len(todo)} runs to train on the {engine}, {len(runs) - len(todo)} already done")
         if not todo:
             return
         data = self.data(train, test)
@@ -202,9 +203,8 @@ def _search(task: Task, cfg: CfgNode, arch_feats: str) -> None:
 
 def _lr_wd(cfg: CfgNode, layout: Layout) -> tuple[float, float]:
     """SOLVER.BASE_LR / WEIGHT_DECAY when given, else the search's pick."""
-    if cfg.SOLVER.BASE_LR is not None:
-        return float(cfg.SOLVER.BASE_LR), float(cfg.SOLVER.WEIGHT_DECAY)
-    return find_best_lrwd(layout)
+    lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+    return (float(lr), float(wd)) if lr is not None else find_best_lrwd(layout)
 
 
 def _finals(task: Task, cfg: CfgNode) -> None:
@@ -261,6 +261,8 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
     if sparse_mode is not None and sparse_mode not in SPARSE_MODES:
         raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
     setup_logging()
+    counts = check_task_data(cfg)
+    get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
     task = Task(cfg)
     with contextlib.closing(task):
         if sparse_mode is not None:

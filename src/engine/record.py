@@ -25,7 +25,7 @@ class RunRecord:
     afresh); call `finish` last."""
 
     def __init__(self, run: Run, cfg: CfgNode, *, save_ckpt: bool):
-        self.run, self.save_ckpt = run, save_ckpt
+        self.run, self.save_ckpt, self.log_trainable = run, save_ckpt, cfg.SOLVER.DBG_TRAINABLE
         self.val_name, self.test_name = f"val_{cfg.DATA.NAME}", f"test_{cfg.DATA.NAME}"
         self.results: dict = {}
         self.diverged = ""
@@ -48,6 +48,9 @@ class RunRecord:
         self._log.flush()
 
     def trainable(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Log the trained tensors (SOLVER.DBG_TRAINABLE)."""
+        if not self.log_trainable:
+            return
         for name, shape in shapes.items():
             self.log(f"Trainable: {name} {shape}, {int(np.prod(shape))}")
 

@@ -60,7 +60,7 @@ class Recipe:
 
 
 @dataclass
-class TestStream:
+class SplitStream:
     """A split streamed once at the end: (number of images, iterator of uint8 image batches + labels)."""
 
     size: int
@@ -76,7 +76,7 @@ class TaskData:
     val_rows: torch.Tensor
     size: int                                   # DATA.CROPSIZE
     device: torch.device
-    test: Callable[[], TestStream] | None = None   # opens the test stream
+    test: Callable[[], SplitStream] | None = None   # opens the test stream
 
     def tensors(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed images (B, 3, S, S) and labels (B,) of `rows`, on the device."""

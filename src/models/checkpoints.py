@@ -211,7 +211,8 @@ def build_backbone(cfg) -> VisionTransformer:
         model = VisionTransformer(entry.arch, cfg.DATA.CROPSIZE, embed_dropout)
     except ValueError as e:
         raise VQTError(f"DATA.CROPSIZE {cfg.DATA.CROPSIZE}: {e}") from None
-    path = cfg.MODEL.WEIGHT_PATH or os.path.join(cfg.MODEL.MODEL_ROOT, entry.file)
+    root, weight_path = cfg.MODEL.MODEL_ROOT, cfg.MODEL.WEIGHT_PATH
+    path = weight_path or os.path.join(root, entry.file)
     load_backbone(model, path, entry.format)
     model.requires_grad_(False)
     return model.eval()

@@ -124,14 +124,14 @@ class RunDir:
 
     @property
     def done(self) -> dict | None:
-        """The DONE record ({"status": "ok" | "diverged", "message", "epochs"}) or None if not finished."""
+        """The DONE record ({"status": "ok" | "diverged", "message", "epochs"}); None if not finished or
+        unreadable (then the run counts as interrupted)."""
         try:
             with open(os.path.join(self.path, DONE)) as f:
-                return json.load(f)
-        except FileNotFoundError:
+                rec = json.load(f)
+        except (OSError, ValueError):
             return None
-        except json.JSONDecodeError:
-            return None
+        return rec if isinstance(rec, dict) and "status" in rec else None
 
     @property
     def incomplete(self) -> bool:
