@@ -78,3 +78,51 @@ def test_demo_writer_is_quiet(tmp_path):
         assert noise not in p.stdout + p.stderr
     assert [line.split(":")[0] for line in p.stdout.splitlines()] == ["demo backbone", "demo data"]
     assert p.stderr == ""
+
+
+YAML = str(ROOT / "configs/h2t-prompt/vtab.yaml")  # sets SOLVER.OPTIMIZER sgd
+
+
+@pytest.fixture
+def protocol_calls(monkeypatch):
+    """train.py's run_protocol replaced by a recorder of the config it gets."""
+    import src.engine.protocol
+
+    calls = []
+    monkeypatch.setattr(src.engine.protocol, "run_protocol", lambda cfg, **kw: calls.append((cfg, kw)))
+    return calls
+
+
+def test_train_optimizer_sets_solver_optimizer(protocol_calls, capsys):
+    import train
+
+    assert train.main(["--config-file", YAML, "--optimizer", "adam", "DATA.NAME", "vtab-dtd"]) == 0
+    assert train.main(["--config-file", YAML, "--optimizer", "adam", "SOLVER.OPTIMIZER", "adam"]) == 0
+    assert train.main(["--config-file", YAML, "--sparse-mode", "compress"]) == 0
+    assert [cfg.SOLVER.OPTIMIZER for cfg, _ in protocol_calls] == ["adam", "adam", "sgd"]
+    assert protocol_calls[0][0].DATA.NAME == "vtab-dtd" and protocol_calls[2][1]["sparse_mode"] == "compress"
+    assert train.main(["--config-file", YAML, "--optimizer", "adam", "SOLVER.OPTIMIZER", "sgd"]) == 2
+    assert capsys.readouterr().err == ("error: --optimizer adam but the overrides set SOLVER.OPTIMIZER sgd: "
+                                       "drop one of them\n")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["DATA.NAME", "vtab-dtd", "--dont_search"], "--dont_search"),
+    (["DATA.NAME", "vtab-dtd", "--sparse-mode", "compress"], "--sparse-mode"),
+    (["DATA.NAME", "vtab-dtd", "--optimizer=adam", "SOLVER.TOTAL_EPOCH", "2"], "--optimizer"),
+])
+def test_train_flag_after_overrides(protocol_calls, capsys, argv, flag):
+    import train
+
+    assert train.main(["--config-file", YAML, *argv]) == 2
+    assert capsys.readouterr().err == f"error: option {flag} must come before the KEY VALUE overrides\n"
+    assert protocol_calls == []
+
+
+def test_train_sparse_mode_choices(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--sparse-mode", ""])
+    assert e.value.code == 2 and "invalid choice: ''" in capsys.readouterr().err
+    assert train.parse_args([]).sparse_mode is None
