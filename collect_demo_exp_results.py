@@ -5,7 +5,8 @@ VQTSup_10_adam_final, VQTSup_20_adam_final; feature sup_vitb16_imagenet1k) with 
 lr/wd folder is the one holding complete runs (said so when several do), the last epoch present
 is read (not epoch_99), only runs whose DONE status is "ok" count, and missing, incomplete,
 diverged and unreadable runs are listed at the end. It also writes results.csv, results.md and
-results.png to --out. The exit status is 0 even when runs are missing (this is a report).
+results.png to --out. The exit status is 0 even when runs are missing (this is a report); 2 on bad
+input, 1 when the result files cannot be written.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from src.errors import VQTError
+from src.utils.cli import HelpFormatter
 from src.utils.layout import PHASES, RunDir, last_epoch, run_name, stage_name, task_dir
+from src.utils.quiet import quiet_tensorflow
 from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
 
 
@@ -276,7 +279,8 @@ def write_markdown(report: Report, tasks: list[DemoTask], path: Path, root: Path
 
 
 def write_plot(report: Report, tasks: list[DemoTask], path: Path, feature: str) -> None:
-    """Bar chart of the per-task means with std error bars, colored by group."""
+    """Bar chart of the per-task means (value on each bar) with std error bars, colored by group; the
+    legend sits between the title and the bars, so nothing overlaps for 1 task as for 19."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,19 +290,22 @@ def write_plot(report: Report, tasks: list[DemoTask], path: Path, feature: str) 
     colors = dict(zip(GROUPS, ("tab:green", "tab:orange", "tab:blue"), strict=True))
     cells = [report.reported[t.name] for t in ordered]
     means = [c.mean if c and c.values else 0.0 for c in cells]
-    stds = [c.std if c and c.values else np.nan for c in cells]  # no error bar where there is no result
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(ordered) + 2), 5))
+    stds = [c.std if c and c.values else 0.0 for c in cells]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(ordered) + 2), 5))
     x = np.arange(len(ordered))
-    ax.bar(x, means, yerr=stds, capsize=3, color=[colors[t.group] for t in ordered])
-    for i, c in enumerate(cells):
-        if not (c and c.values):
-            ax.text(i, 1, "n/a", ha="center", va="bottom", fontsize=8)
+    ax.bar(x, means, yerr=[s or np.nan for s in stds], capsize=3, color=[colors[t.group] for t in ordered])
+    for i, c in enumerate(cells):  # the value above the error bar ("n/a": no result)
+        label = f"{means[i]:.1f}" if c and c.values else "n/a"
+        ax.text(i, means[i] + stds[i] + 1, label, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [t.short for t in ordered], rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(ordered) - 0.4)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"VQT on VTAB-1k ({feature}): mean ± std over seeds")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in GROUPS if any(t.group == g for t in ordered)]
-    ax.legend(handles, [g for g in GROUPS if any(t.group == g for t in ordered)], loc="upper right", fontsize=8)
+    ax.set_ylim(0, max(100.0, *(m + s for m, s in zip(means, stds, strict=True))) + 8)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title(f"VQT on VTAB-1k ({feature})\ntest top-1, mean ± std over seeds", fontsize=11, pad=24)
+    groups = [g for g in GROUPS if any(t.group == g for t in ordered)]
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups], groups, loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), ncol=len(groups), frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -306,8 +313,8 @@ def write_plot(report: Report, tasks: list[DemoTask], path: Path, feature: str) 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (all optional: no arguments reproduces the original script)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="h2t_vit_experiments", help="experiment root")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--root", default="h2t_vit_experiments", help="experiment root (EXP_ROOT of the launchers)")
     p.add_argument("--feature", default="sup_vitb16_imagenet1k", help="DATA.FEATURE folder to read")
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                    help="setting folders to print, e.g. VQTSup_1_adam_final")
@@ -318,7 +325,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the table and write the result files; 0 even when runs are missing, 1 on bad input."""
+    """Print the table and write the result files; 0 even when runs are missing, 2 on bad input, 1 when
+    the output folder cannot be written."""
+    quiet_tensorflow()
     args = parse_args(argv)
     root = Path(args.root)
     try:
@@ -326,10 +335,14 @@ def main(argv: list[str] | None = None) -> int:
             raise VQTError(f"--runs must be >= 1, got {args.runs}")
         tasks = select_tasks(args.tasks)
         report = collect(root, args.feature, args.settings, tasks, args.runs)
-        out = Path(args.out) if args.out else root / "results"
-        out.mkdir(parents=True, exist_ok=True)
-    except (VQTError, OSError) as err:
+    except VQTError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else root / "results"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create the output folder {out} ({err.strerror}): pass a writable --out", file=sys.stderr)
         return 1
     print_table(report, args.settings, tasks, args.feature)
     write_csv(report, tasks, out / "results.csv", args.runs)

@@ -1,15 +1,49 @@
 #!/usr/bin/env bash
 # VQT on all 19 VTAB-1k tasks with ViT-B/16 (ImageNet-1k supervised), Adam; Q and the sparsity
 # keep-fraction per task as in the paper's demo. Then: python collect_demo_exp_results.py
-# usage: bash run_demo_exp.sh GPUIDX
-#        bash run_demo_exp.sh --demo   # the built-in default: synthetic data, tiny ViT, CPU, minutes
-set -euo pipefail
+# Every task runs even if an earlier one fails (as the original); the failed ones are listed at the
+# end with their last `error:` line (each step's stderr is kept in $EXP_ROOT/logs/) and the exit
+# status is 1.
+set -uo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
+usage() {
+    echo "usage: bash run_demo_exp.sh GPUIDX   # the 19 tasks of the paper on GPU GPUIDX"
+    echo "       bash run_demo_exp.sh --demo   # the built-in default: synthetic data, tiny ViT, CPU, minutes"
+}
 if [ $# -ne 1 ]; then
-    echo "usage: bash run_demo_exp.sh GPUIDX | --demo" >&2
+    usage >&2
     exit 2
 fi
+case $1 in
+    -h | --help) usage; exit 0 ;;
+esac
+
+FAILED=()
+# step LABEL LAUNCHER ARGS...: run one launcher (stderr shown and kept in $EXP_ROOT/logs); a failure is
+# recorded with the step's last `error:` line (else its last stderr line) and returns non-zero.
+step() {
+    local label=$1 log
+    shift
+    mkdir -p "$EXP_ROOT/logs"
+    log=$EXP_ROOT/logs/${label//[^A-Za-z0-9_.=-]/_}.stderr
+    { bash "$@" 2>&1 1>&3 | tee "$log" >&2; } 3>&1 && return 0
+    local status=$? line
+    line=$(grep '^error:' "$log" | tail -n 1)
+    [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)
+    FAILED+=("$label (exit $status): ${line:-no stderr}")
+    return 1
+}
+# summary: list the failed steps; the script's exit status (1 if any failed)
+summary() {
+    if [ ${#FAILED[@]} -eq 0 ]; then
+        echo "all tasks finished (stderr of every step: $EXP_ROOT/logs/)"
+        return 0
+    fi
+    echo "${#FAILED[@]} step(s) failed (full stderr in $EXP_ROOT/logs/):" >&2
+    printf '  %s\n' "${FAILED[@]}" >&2
+    return 1
+}
 
 if [ "$1" = "--demo" ]; then
     export MODEL_ROOT=demo_assets/pre-trained_weights DATA_PATH=demo_assets/vtab_data
@@ -17,14 +51,17 @@ if [ "$1" = "--demo" ]; then
     # the paper runs 100 epochs (10 warm-up); the CPU demo runs 20 (2) to finish in minutes
     export VQT_EXTRA_OPTS="DATA.CROPSIZE 64 SOLVER.TOTAL_EPOCH 20 SOLVER.WARMUP_EPOCH 2"
     DEMO_TASKS=(vtab-eurosat vtab-svhn)
-    $PYTHON scripts/make_demo_assets.py --dest demo_assets --tasks "${DEMO_TASKS[@]}"
-    bash scripts/VQT/run_vqt_vtab.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny
-    bash scripts/VQT/run_vqt_vtab_sparsity.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny 0.7
-    bash scripts/VQT/run_vqt_vtab.sh 0 vtab-svhn 10 20 adam demo_vit_tiny
-    $PYTHON collect_demo_exp_results.py --root "$EXP_ROOT" --feature demo_vit_tiny --tasks "${DEMO_TASKS[@]}"
-    exit 0
+    $PYTHON scripts/make_demo_assets.py --dest demo_assets --tasks "${DEMO_TASKS[@]}" || exit 1
+    step vtab-eurosat scripts/VQT/run_vqt_vtab.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny &&
+        step vtab-eurosat.compression scripts/VQT/run_vqt_vtab_sparsity.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny 0.7
+    step vtab-svhn scripts/VQT/run_vqt_vtab.sh 0 vtab-svhn 10 20 adam demo_vit_tiny
+    $PYTHON collect_demo_exp_results.py --root "$EXP_ROOT" --feature demo_vit_tiny --tasks "${DEMO_TASKS[@]}" ||
+        FAILED+=("collect_demo_exp_results.py (exit $?)")
+    summary
+    exit $?
 fi
 
+export EXP_ROOT=${EXP_ROOT:-h2t_vit_experiments}
 GPUIDX=$1
 OPTIMIZER=adam
 FEATURE=sup_vitb16_imagenet1k
@@ -44,8 +81,9 @@ for row in \
     'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16) 16' \
     "vtab-sun397 397"; do
     read -r DATA_NAME NUM_CLASSES <<< "$row"
-    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE
-    bash scripts/VQT/run_vqt_vtab_sparsity.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE 0.7
+    step "$DATA_NAME" scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE &&
+        step "$DATA_NAME.compression" scripts/VQT/run_vqt_vtab_sparsity.sh \
+            "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE 0.7
 done
 
 # Q = 10 (first two) and Q = 20, frac = 1.0
@@ -58,5 +96,6 @@ for row in \
     'vtab-smallnorb(predicted_attribute="label_azimuth") 18 20' \
     'vtab-kitti(task="closest_vehicle_distance") 4 20'; do
     read -r DATA_NAME NUM_CLASSES Q <<< "$row"
-    bash scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" "$Q" $OPTIMIZER $FEATURE
+    step "$DATA_NAME" scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" "$Q" $OPTIMIZER $FEATURE
 done
+summary

@@ -2,6 +2,8 @@
 last epoch); with --sparse-mode, one classifier-compression stage instead.
 
     python train.py --config-file configs/h2t-prompt/vtab.yaml --optimizer adam KEY VALUE ...
+
+Options come first; everything from the first KEY on is a list of KEY VALUE config overrides.
 """
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ import sys
 
 from src.configs.defaults import load_cfg
 from src.errors import VQTError, run_cli
+from src.utils.cli import HelpFormatter
+from src.utils.quiet import quiet_tensorflow
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Visual Query Tuning", allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config-file", default="", help="yaml config (e.g. configs/h2t-prompt/vtab.yaml)")
     p.add_argument("--train-type", default="h2t-prompt", help="only h2t-prompt (VQT)")
-    p.add_argument("--optimizer", default=None, help="must equal SOLVER.OPTIMIZER when given (as the original)")
+    p.add_argument("--optimizer", default=None, help="sets SOLVER.OPTIMIZER (adam or sgd; default: the config's)")
     p.add_argument("--dont_search", "--dont-search", action="store_true", help="skip the lr x wd search")
     p.add_argument("--arch_feats", "--arch-feats", default="",
                    help="sup_vitl16_imagenet21k / sup_vith14_imagenet21k select the smaller Adam grid")
@@ -30,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_tensorflow()
     args = parse_args(argv)
     return run_cli(lambda: _run(args))
 
@@ -37,11 +42,19 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.train_type != "h2t-prompt":
         raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
-    explicit = [x for key, v in (("SOLVER.BASE_LR", args.lr), ("SOLVER.WEIGHT_DECAY", args.wd)) if v is not None
-                for x in (key, repr(v))]
-    cfg = load_cfg(args.config_file, args.opts + explicit)
-    if args.optimizer is not None and args.optimizer != cfg.SOLVER.OPTIMIZER:
-        raise VQTError(f"--optimizer {args.optimizer} differs from SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER}")
+    flag = next((o for o in args.opts if o.startswith("--")), None)
+    if flag:
+        raise VQTError(f"option {flag.split('=')[0]} must come before the KEY VALUE overrides")
+    opts = list(args.opts)
+    if args.optimizer is not None:
+        given = dict(zip(opts[0::2], opts[1::2])).get("SOLVER.OPTIMIZER", args.optimizer)
+        if given != args.optimizer:
+            raise VQTError(f"--optimizer {args.optimizer} but the overrides set SOLVER.OPTIMIZER {given}: "
+                           "drop one of them")
+        opts = ["SOLVER.OPTIMIZER", args.optimizer, *opts]
+    opts += [x for key, v in (("SOLVER.BASE_LR", args.lr), ("SOLVER.WEIGHT_DECAY", args.wd)) if v is not None
+             for x in (key, repr(v))]
+    cfg = load_cfg(args.config_file, opts)
     cfg.freeze()
     from src.engine.protocol import run_protocol  # imports torch/TF: after the arguments are checked
     run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats)

@@ -41,12 +41,13 @@ from src.data.preprocess import preprocess
 from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
-from src.engine.protocol import FINAL_SEEDS, lr_wd_grid, resolve_device
+from src.engine.protocol import FINAL_SEEDS, lr_wd_grid
 from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, TaskData, SplitStream
+from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
 from src.models.vqt import VQT, Members, QuerySpec
+from src.utils.device import resolve_device
 from src.utils.layout import Layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,8 +1,10 @@
-"""Download the pre-trained ViT-B/16 checkpoints the VQT README points to into pre-trained_weights/.
+"""Download pre-trained ViT checkpoints into pre-trained_weights/: by default the three ViT-B/16 ones
+the VQT README points to; also ViT-L/16, ViT-H/14 (ImageNet-21k) and MoCo-v3 ViT-B when named.
 
 Files get their MODEL_ZOO names (e.g. ViT-B_16.npz is saved as imagenet21k_ViT-B_16.npz). A download
-goes to NAME.part first (an interrupted one resumes) and is renamed once it is complete and looks like
-a checkpoint. Every file's sha256 is recorded in DEST/SHA256SUMS (`sha256sum -c` format); a later run
+goes to NAME.part first (an interrupted one resumes) and is renamed once it is complete, looks like
+a checkpoint and matches the checksum upstream publishes (the md5 prefixes of VPT's README), where
+one is known. Every file's sha256 is recorded in DEST/SHA256SUMS (`sha256sum -c` format); a later run
 verifies present files against it. --mirror BASE fetches BASE/NAME instead (an institutional mirror,
 a local http server, or file:///path).
 """
@@ -25,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.configs.vit_configs import MODEL_ZOO
 from src.errors import VQTError
+from src.utils.cli import HelpFormatter
+from src.utils.quiet import quiet_tensorflow
 
 TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 60.0
@@ -35,32 +39,40 @@ SUMS_FILE = "SHA256SUMS"
 
 @dataclass(frozen=True)
 class Source:
-    """Where a checkpoint comes from: direct URL, page for a manual download, published sha256 if known."""
+    """Where a checkpoint comes from: direct URL, page for a manual download, and what upstream publishes
+    to check it, if anything: a full sha256 or the leading hex digits of its md5."""
 
     url: str
     page: str
     sha256: str | None = None
+    md5_prefix: str | None = None
 
 
 _DRIVE_ID = "1ruqA7gRkvkoM_QFrT0JI23XXZNnwqXBK"  # "ImageNet-1k Supervised" link of the VQT README
-SOURCES: dict[str, Source] = {
+_IN21K = "https://storage.googleapis.com/vit_models/imagenet21k"  # Google's public ViT checkpoints
+_MAE_B = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
+_MOCO_B = "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar"  # as in VPT's README
+SOURCES: dict[str, Source] = {  # md5 prefixes: the "md5sum" column of VPT's README (KMnP/vpt)
     "sup_vitb16_imagenet1k": Source(
         f"https://drive.usercontent.google.com/download?id={_DRIVE_ID}&export=download&confirm=t",
         f"https://drive.google.com/file/d/{_DRIVE_ID}/view"),
-    "sup_vitb16_imagenet21k": Source("https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz",
-                                     "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"),
-    "mae_vitb16": Source("https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
-                         "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"),
+    "sup_vitb16_imagenet21k": Source(f"{_IN21K}/ViT-B_16.npz", f"{_IN21K}/ViT-B_16.npz", md5_prefix="d9715d"),
+    "mae_vitb16": Source(_MAE_B, _MAE_B, md5_prefix="8cad7c"),
+    "sup_vitl16_imagenet21k": Source(f"{_IN21K}/ViT-L_16.npz", f"{_IN21K}/ViT-L_16.npz"),
+    "sup_vith14_imagenet21k": Source(f"{_IN21K}/ViT-H_14.npz", f"{_IN21K}/ViT-H_14.npz"),
+    "mocov3_vitb": Source(_MOCO_B, "https://github.com/facebookresearch/moco-v3", md5_prefix="8f39ce"),
 }
+DEFAULT_FEATURES = ("sup_vitb16_imagenet1k", "sup_vitb16_imagenet21k", "mae_vitb16")  # the VQT README's three
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
+def file_digests(path: Path) -> tuple[str, str]:
+    """Hex sha256 and md5 of a file, read once in chunks."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
 
 
 def read_sums(dest: Path) -> dict[str, str]:
@@ -178,43 +190,44 @@ def fetch(feature: str, dest: str | Path = "pre-trained_weights", mirror: str | 
         target.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
     if target.exists():
-        digest = sha256_file(target)
-        if entry.file in sums:
-            if sums[entry.file] != digest:
-                raise VQTError(f"{target} does not match {dest / SUMS_FILE} (expected {sums[entry.file]}, got "
-                               f"{digest}): the file is corrupted or was replaced; rerun with --force to download it")
-            _check_known(src, digest, target)
-            return f"{entry.file}: present, sha256 matches {SUMS_FILE}"
-        problem = check_format(target, entry.format)
+        digest, md5 = file_digests(target)
+        if entry.file in sums and sums[entry.file] != digest:
+            raise VQTError(f"{target} does not match {dest / SUMS_FILE} (expected {sums[entry.file]}, got "
+                           f"{digest}): the file is corrupted or was replaced; rerun with --force to download it")
+        problem = (None if entry.file in sums else check_format(target, entry.format)) or _unpublished(src, digest, md5)
         if problem:
             raise VQTError(f"{target}: {problem}; delete it or rerun with --force")
-        _check_known(src, digest, target)
+        if entry.file in sums:
+            return f"{entry.file}: present, sha256 matches {SUMS_FILE}"
         write_sums(dest, sums | {entry.file: digest})
         return f"{entry.file}: present, sha256 recorded in {SUMS_FILE}"
     _download(url, part, timeout, manual, stall_timeout)
-    problem = check_format(part, entry.format)
+    digest, md5 = file_digests(part)
+    problem = check_format(part, entry.format) or _unpublished(src, digest, md5)
     if problem:
         part.unlink()
         raise VQTError(f"{url}: {problem}: {manual}")
-    digest = sha256_file(part)
-    _check_known(src, digest, part)
     os.replace(part, target)
     write_sums(dest, read_sums(dest) | {entry.file: digest})
     return f"{entry.file}: downloaded ({target.stat().st_size / 2**20:.1f} MiB), sha256 {digest}"
 
 
-def _check_known(src: Source, digest: str, path: Path) -> None:
-    if src.sha256 and src.sha256 != digest:
-        raise VQTError(f"{path} has sha256 {digest}, the published one is {src.sha256}: delete it and rerun")
+def _unpublished(src: Source, sha256: str, md5: str) -> str | None:
+    """Why a file with these digests is not the checkpoint upstream publishes, or None (also when unknown)."""
+    if src.sha256 and src.sha256 != sha256:
+        return f"sha256 {sha256}, the published one is {src.sha256}"
+    if src.md5_prefix and not md5.startswith(src.md5_prefix):
+        return f"md5 {md5}, the published one starts with {src.md5_prefix}"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", nargs="+", default=list(SOURCES), metavar="FEATURE",
-                   help=f"DATA.FEATURE keys to fetch (default: {' '.join(SOURCES)})")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=list(SOURCES), metavar="FEATURE",
+                   help=f"DATA.FEATURE keys to fetch, of: {' '.join(SOURCES)}")
     p.add_argument("--dest", default="pre-trained_weights", help="folder (MODEL.MODEL_ROOT)")
-    p.add_argument("--mirror", help="base URL serving the files under their MODEL_ZOO names")
+    p.add_argument("--mirror", help="base URL serving the files under their MODEL_ZOO names (default: upstream)")
     p.add_argument("--force", action="store_true", help="download again even if the file is present")
     p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="S",
                    help=f"give up when less than {STALL_BYTES >> 10} KiB arrive in S seconds (default %(default)g)")
@@ -222,7 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Fetch every feature asked for; one line per feature; exit status 1 if any failed."""
+    """Fetch every feature asked for; one line per feature; exit status 1 if any failed, 2 on bad input."""
+    quiet_tensorflow()
     args = parse_args(argv)
     failed = 0
     for feature in args.features:

@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from src.errors import VQTError
+from src.utils.cli import HelpFormatter
+from src.utils.quiet import quiet_tensorflow
 from src.utils.sweep import (
     SPARSITY_TEMPLATE,
     TRAIN_TEMPLATE,
@@ -27,18 +29,18 @@ from src.utils.sweep import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--cluster", choices=("slurm", "local", "debug"), default="local",
                    help="submitit backend: Slurm jobs, local processes (one per GPU), or in-process (debugging)")
-    p.add_argument("--partition", help="Slurm partition")
-    p.add_argument("--gpus-per-job", type=int, default=1)
+    p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    p.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per task (0: CPU jobs)")
     p.add_argument("--timeout-min", type=int, default=1440, help="per-job time limit in minutes")
     p.add_argument("--max-parallel", type=int,
                    help="most jobs at once (local default: one per GPU, or 1 without GPUs; slurm: all)")
     p.add_argument("--tasks", nargs="+", metavar="NAME", help="subset of DATA.NAMEs (default: all 19)")
-    p.add_argument("--log-dir", default="h2t_vit_experiments/submitit")
-    p.add_argument("--feature", default="sup_vitb16_imagenet1k")
-    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--log-dir", default="h2t_vit_experiments/submitit", help="submitit's job files and logs")
+    p.add_argument("--feature", default="sup_vitb16_imagenet1k", help="DATA.FEATURE (FEATURE of the launchers)")
+    p.add_argument("--optimizer", default="adam", help="OPTIMIZER of the launchers")
     p.add_argument("--command-template", default=TRAIN_TEMPLATE,
                    help="training command per task; fields {gpu} {name} {classes} {q} {optimizer} {feature}")
     p.add_argument("--sparsity-template", default=SPARSITY_TEMPLATE,
@@ -56,7 +58,8 @@ def _report(result: TaskResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Launch, wait, print a per-task report; exit status 1 if any task failed."""
+    """Launch, wait, print a per-task report; exit status 1 if any task failed, 2 on bad input."""
+    quiet_tensorflow()
     args = parse_args(argv)
     try:
         if Path.cwd().resolve() != REPO:  # jobs import src/ and run scripts/VQT/*.sh relative to the cwd

@@ -12,24 +12,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.configs.vit_configs import MODEL_ZOO
-from src.data.synthetic import write_fake_tfds
 from src.errors import run_cli
-from src.models.checkpoints import write_random_npz
+from src.utils.cli import HelpFormatter
+from src.utils.quiet import quiet_tensorflow
 
 DEMO_FEATURE = "demo_vit_tiny"
 DEMO_IMG_SIZE = 64
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dest", default="demo_assets")
-    p.add_argument("--tasks", nargs="+", default=["vtab-eurosat", "vtab-svhn"], help="DATA.NAMEs")
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--dest", default="demo_assets",
+                   help="output folder: pre-trained_weights/ (MODEL_ROOT) and vtab_data/ (DATA_PATH) inside")
+    p.add_argument("--tasks", nargs="+", default=["vtab-eurosat", "vtab-svhn"], metavar="DATA.NAME",
+                   help="VTAB-1k tasks to write synthetic data for")
     args = p.parse_args(argv)
     return run_cli(lambda: make_assets(args.dest, args.tasks))
 
 
 def make_assets(dest: str, tasks: list[str]) -> None:
+    """Write the demo checkpoint and the synthetic data of `tasks` under `dest` (existing ones are kept)."""
+    from src.configs.vit_configs import MODEL_ZOO
+    from src.data.synthetic import write_fake_tfds
+    from src.models.checkpoints import write_random_npz
+
     entry = MODEL_ZOO[DEMO_FEATURE]
     weights = os.path.join(dest, "pre-trained_weights", entry.file)
     if not os.path.exists(weights):

@@ -6,8 +6,10 @@
     python scripts/prepare_vtab.py --data-dir vtab_data --check --deep       # also read every record
 
 Prepared data is never re-downloaded. diabetic_retinopathy and resisc45 need a manual download
-first (instructions are printed). oxford_iiit_pet and kitti are prepared at the versions modern
-TFDS can still build (4.0.0, 3.3.0); see `src.data.loader.resolve_spec`.
+first (instructions are printed); sun397 and diabetic_retinopathy need OpenCV (pip install -r
+requirements-prepare.txt). oxford_iiit_pet and kitti are prepared at the versions TFDS 4.9 can still
+build (4.0.0, 3.3.0: it reads but no longer builds VPT's 3.x and 3.2.0); see
+`src.data.loader.resolve_spec`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from src.data.loader import (
 )
 from src.data.tasks import TASKS, VTABTask, get_task
 from src.errors import VQTError, run_cli
+from src.utils.cli import HelpFormatter
+from src.utils.quiet import quiet_tensorflow
 
 NETWORK_HOST = ("storage.googleapis.com", 443)  # TFDS downloads prepared data and some sources from GCS
 
@@ -46,8 +50,8 @@ MANUAL_STEPS = {
      train.zip.001 .. train.zip.005) and `cat test.zip.* > test.zip`.
   3. Unpack into {manual}: train.zip -> train/, test.zip -> test/, sample.zip -> sample/, and the files
      trainLabels.csv and sampleSubmissions.csv (`jar xvf train.zip` copes with the huge zip where unzip fails).
-  4. `pip install opencv-python-headless` (the btgraham-300 preprocessing uses cv2). Preparing also fetches
-     the test labels (retinopathy_solution.csv) from storage.googleapis.com, so it needs the network.
+  4. `pip install -r requirements-prepare.txt` (OpenCV: the btgraham-300 preprocessing uses cv2).
+     Preparing also fetches the test labels (retinopathy_solution.csv) from storage.googleapis.com, so it needs the network.
   5. Run again: {command}""",
     "resisc45": """\
   1. Download NWPU-RESISC45.rar (OneDrive link in the TFDS catalog: https://1drv.ms/u/s!AmgKYzARBl5ca3HNaHIlzp_IXjs).
@@ -63,8 +67,9 @@ NEEDS_CV2 = ("sun397/tfds", "diabetic_retinopathy_detection/btgraham-300")
 NOTES = {
     "sun397/tfds": "TFDS 4.9 skips the undecodable image t/track/outdoor/sun_aophkoiosslinihb.jpg itself "
                    "(VPT patched TFDS's sun.py for it).",
-    "kitti": "VPT reads kitti:3.2.0, which TFDS 4.9 cannot build; 3.3.0 (same images and splits, adds "
-             "`occluded` labels) is prepared and read unless 3.2.0 data exists.",
+    "kitti": "VPT reads kitti:3.2.0, which TFDS 4.9 reads but cannot build (it builds only the canonical "
+             "3.3.0: same images and splits, adds `occluded` labels); 3.3.0 is prepared and read unless 3.2.0 "
+             "data exists.",
     "oxford_iiit_pet": "VPT read oxford_iiit_pet 3.2.0, which TFDS 4.9 cannot build; 4.0.0 ('fixes corrupt "
                        "images') is prepared and read unless 3.x data exists, so the 800/200 selection may differ.",
 }
@@ -89,7 +94,7 @@ def network_ok(timeout: float = 5.0) -> bool:
 
 def _prepare_one(task: VTABTask, data_dir: str, online: dict) -> str:
     """Prepare the dataset of `task`; returns "" on success, else why it was not prepared."""
-    spec = task.fallback_spec or task.tfds_spec
+    spec = task.prepare_spec
     command = prepare_command(data_dir, task)
     manual = os.path.join(data_dir, "downloads", "manual")
     if task.tfds_name in NOTES:
@@ -100,7 +105,7 @@ def _prepare_one(task: VTABTask, data_dir: str, online: dict) -> str:
         print(MANUAL_STEPS[task.tfds_name].format(manual=manual, command=command))
         return "manual download needed"
     if task.tfds_name in NEEDS_CV2 and importlib.util.find_spec("cv2") is None:
-        print(f"    {task.tfds_name} needs OpenCV: pip install opencv-python-headless, then run again: {command}")
+        print(f"    {task.tfds_name} needs OpenCV: pip install -r requirements-prepare.txt, then run again: {command}")
         return "cv2 missing"
     if task.tfds_name != "resisc45":  # everything else downloads something
         if "ok" not in online:
@@ -124,7 +129,7 @@ def prepare(tasks: list[VTABTask], data_dir: str) -> int:
     online: dict = {}
     for i, task in enumerate(tasks, 1):
         start = time.time()
-        print(f"[{i}/{len(tasks)}] {task.name}: TFDS {task.fallback_spec or task.tfds_spec}", flush=True)
+        print(f"[{i}/{len(tasks)}] {task.name}: TFDS {task.prepare_spec}", flush=True)
         if task.tfds_name in problems:
             status = problems[task.tfds_name]
         else:
@@ -153,7 +158,7 @@ def check(tasks: list[VTABTask], data_dir: str, deep: bool = False) -> int:
             builder = open_builder(task, data_dir)
             sizes = split_sizes(task, builder)
         except VQTError:
-            print(f"{task.name:<{width}}  {task.tfds_spec:<52} {'-':>8} {'-':>6} {'-':>8} {'-':>6}  MISSING")
+            print(f"{task.name:<{width}}  {task.prepare_spec:<52} {'-':>8} {'-':>6} {'-':>8} {'-':>6}  MISSING")
             bad += 1
             continue
         ok = all(sizes[s] == n for s, n in EXPECTED_SIZES.items()) and sizes["test"] > 0
@@ -180,10 +185,13 @@ def _read_all(task: VTABTask, data_dir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Prepare or check; 0 when every task is prepared (or OK), 1 otherwise, 2 on bad input."""
+    quiet_tensorflow()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="vtab_data", help="TFDS data_dir (DATA.DATAPATH)")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="DATA.NAME", help="default: all 19")
-    p.add_argument("--check", action="store_true", help="only report which tasks are prepared")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="DATA.NAME",
+                   help="VTAB-1k tasks (default: all 19)")
+    p.add_argument("--check", action="store_true", help="only report which tasks are prepared, with their split sizes")
     p.add_argument("--deep", action="store_true", help="with --check: read every record (finds corrupt files)")
     args = p.parse_args(argv)
     if args.deep and not args.check:

@@ -138,8 +138,8 @@ def test_settings_override_reports_from_listed_setting(tree, tmp_path, capsys):
 
 
 def test_bad_input(tmp_path, capsys):
-    assert collect.main(["--root", str(tmp_path / "nope")]) == 1
+    assert collect.main(["--root", str(tmp_path / "nope")]) == 2
     assert "experiment root" in capsys.readouterr().err
-    assert collect.main(["--root", str(tmp_path), "--tasks", "vtab-bogus"]) == 1
+    assert collect.main(["--root", str(tmp_path), "--tasks", "vtab-bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown task(s) ['vtab-bogus']") and err.count("\n") == 1

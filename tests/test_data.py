@@ -370,6 +370,14 @@ def test_prepare_check_deep_reads_every_record(corrupt_dtd, capsys):
     assert lines[-1] == f"0/1 tasks OK in {corrupt_dtd}"
 
 
+def test_check_names_the_versions_prepare_builds(tmp_path, capsys):
+    pet = get_task("vtab-oxford_iiit_pet")
+    assert pet.prepare_spec == "oxford_iiit_pet:4.*.*" and get_task(KITTI).prepare_spec == "kitti:3.3.0"
+    assert _prepare_script().main(["--data-dir", str(tmp_path), "--check", "--tasks", pet.name, KITTI]) == 1
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("vtab-")]
+    assert rows == ["oxford_iiit_pet:4.*.*", "kitti:3.3.0"]
+
+
 def test_prepare_manual_dataset_prints_instructions(tmp_path, capsys):
     assert _prepare_script().main(["--data-dir", str(tmp_path), "--tasks", "vtab-resisc45"]) == 1
     out = capsys.readouterr().out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -90,6 +91,12 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+
+@pytest.fixture(autouse=True)
+def fake_checksums(monkeypatch):
+    """The fake checkpoints served here are not the published ones: drop the published checksums."""
+    monkeypatch.setattr(dw, "SOURCES", {f: replace(s, sha256=None, md5_prefix=None) for f, s in dw.SOURCES.items()})
 
 
 @pytest.fixture
@@ -213,17 +220,16 @@ def test_unreachable_mirror_fails_fast_with_instructions(tmp_path):
     msg = str(info.value)
     assert msg.startswith(f"cannot reach 127.0.0.1:{port}") and "offline?" in msg
     assert f"download imagenet21k_ViT-B_16.npz manually from http://127.0.0.1:{port}/imagenet21k_ViT-B_16.npz" in msg
-    with pytest.raises(VQTError, match="no download source for 'sup_vitl16_imagenet21k'"):
-        dw.fetch("sup_vitl16_imagenet21k", tmp_path)
+    with pytest.raises(VQTError, match="no download source for 'mae_vitl16'"):
+        dw.fetch("mae_vitl16", tmp_path)
 
 
-def test_cli(server, tmp_path):
+def test_cli(server, tmp_path, capsys):
     dest = tmp_path / "weights"
     script = [sys.executable, "scripts/download_weights.py", "--dest", str(dest)]
-    ok = subprocess.run([*script, "--mirror", server.url], cwd=REPO, capture_output=True, text=True, timeout=60,
-                        check=False)
-    assert ok.returncode == 0, ok.stderr
-    assert [line.split(":")[0] for line in ok.stdout.splitlines()] == [f"[ok] {n}" for n in NAMES.values()]
+    assert dw.main(["--dest", str(dest), "--mirror", server.url]) == 0  # in-process: with the fake checksums
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines()] == [f"[ok] {n}" for n in NAMES.values()]
     assert len(_sums(dest)) == 3
     t0 = time.monotonic()
     unreachable = f"http://127.0.0.1:{_closed_port()}"
@@ -232,3 +238,35 @@ def test_cli(server, tmp_path):
     assert bad.returncode == 1 and time.monotonic() - t0 < 10
     assert bad.stderr.startswith("error: mae_vitb16: cannot reach 127.0.0.1:") and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    unknown = subprocess.run([*script, "--features", "sup_vitb8_imagenet21k"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert unknown.returncode == 2 and "invalid choice: 'sup_vitb8_imagenet21k'" in unknown.stderr
+
+
+def test_published_md5_prefix_is_checked(server, tmp_path, monkeypatch):
+    name, src = NAMES["mae_vitb16"], dw.SOURCES["mae_vitb16"]
+    md5 = hashlib.md5(server.files[name]).hexdigest()
+    wrong = f"{(int(md5[:6], 16) + 1) % 2**24:06x}"
+    monkeypatch.setitem(dw.SOURCES, "mae_vitb16", replace(src, md5_prefix=wrong))
+    with pytest.raises(VQTError, match=f"md5 {md5}, the published one starts with {wrong}.*download {name} manually"):
+        dw.fetch("mae_vitb16", tmp_path, server.url)
+    assert list(tmp_path.iterdir()) == []  # the wrong download is not kept
+    (tmp_path / name).write_bytes(server.files[name])  # placed by hand: checked as well
+    with pytest.raises(VQTError, match=f"{name}: md5 {md5}, the published one starts with {wrong}; delete it"):
+        dw.fetch("mae_vitb16", tmp_path, server.url)
+    (tmp_path / name).unlink()
+    monkeypatch.setitem(dw.SOURCES, "mae_vitb16", replace(src, md5_prefix=md5[:6]))
+    assert dw.fetch("mae_vitb16", tmp_path, server.url).startswith(f"{name}: downloaded")
+    assert dw.fetch("mae_vitb16", tmp_path, server.url) == f"{name}: present, sha256 matches SHA256SUMS"
+
+
+def test_sources_are_upstream_with_vpt_md5_prefixes(monkeypatch):
+    monkeypatch.undo()  # the real SOURCES, not the fake_checksums ones
+    src = dw.SOURCES
+    assert src["sup_vitb16_imagenet21k"].md5_prefix == "d9715d" and src["mae_vitb16"].md5_prefix == "8cad7c"
+    assert src["mocov3_vitb"].url == "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar"
+    assert src["mocov3_vitb"].md5_prefix == "8f39ce"
+    for feature, name in (("sup_vitl16_imagenet21k", "ViT-L_16"), ("sup_vith14_imagenet21k", "ViT-H_14")):
+        assert src[feature].url == f"https://storage.googleapis.com/vit_models/imagenet21k/{name}.npz"
+    assert src["sup_vitb16_imagenet1k"].md5_prefix is None and all(s.sha256 is None for s in src.values())
+    assert dw.parse_args([]).features == ["sup_vitb16_imagenet1k", "sup_vitb16_imagenet21k", "mae_vitb16"]

@@ -118,6 +118,8 @@ def test_local_cpu_runs_one_at_a_time(tmp_path, monkeypatch):
     assert all(r.ok for r in results)
     a, b = sorted(_markers(tmp_path), key=lambda r: r["start"])
     assert a["end"] <= b["start"] and a["cuda"] == b["cuda"] == ""
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert "%j" not in logs and sum(name.endswith("_0_log.err") for name in logs) == 2
 
 
 def test_cli_reports_failure_with_nonzero_exit(tmp_path):

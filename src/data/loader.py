@@ -23,6 +23,7 @@ import numpy as np
 from src.data.tasks import SPLITS, VTABTask, get_task
 from src.errors import VQTError
 from src.utils.logging import get_logger
+from src.utils.quiet import quiet_tensorflow
 
 log = get_logger()
 
@@ -50,7 +51,7 @@ class ImageSet:
 @functools.cache
 def import_tfds():
     """tensorflow_datasets, with TF logging quietened and GPUs hidden from TensorFlow."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     import tensorflow as tf
     import tensorflow_datasets as tfds
 

@@ -141,9 +141,11 @@ def write_fake_tfds(task_name: str, data_dir: str, sizes: dict[str, int] | None 
     """Write the TFDS dataset of DATA.NAME `task_name` with synthetic content; returns its directory.
 
     `sizes` maps TFDS split names to example counts (default: `default_sizes`). The version is
-    the one modern TFDS prepares (`fallback_spec`, else `tfds_spec`); `version` forces another
+    the one `scripts/prepare_vtab.py` prepares (`task.prepare_spec`); `version` forces another
     one of a builder without configs (e.g. "3.2.0" for oxford_iiit_pet). An existing copy is kept.
-    With `learnable`, images encode the labels of every task reading this dataset.
+    With `learnable`, images encode the labels of every task reading this dataset. Writes
+    quietly: TFDS's "Downloading and preparing" / "downloaded and prepared" lines are dropped and its
+    progress bars are switched off for the rest of the process.
     """
     tfds = import_tfds()
     task = get_task(task_name)
@@ -161,13 +163,15 @@ def write_fake_tfds(task_name: str, data_dir: str, sizes: dict[str, int] | None 
             yield f"{split}_{i}", _example(self.info.features, tasks, rng, learnable)
 
     attrs = {"name": cls.name, "__module__": cls.__module__,
-             "_split_generators": _split_generators, "_generate_examples": _generate_examples}
+             "_split_generators": _split_generators, "_generate_examples": _generate_examples,
+             "_log_download_bytes": lambda self: None, "_log_download_done": lambda self: None}
     if version:
         attrs.update(VERSION=tfds.core.Version(version), SUPPORTED_VERSIONS=[], RELEASE_NOTES={version: "synthetic"})
     fake = type(f"Fake{cls.__name__}", (cls,), attrs, skip_registration=True)
     kwargs = {"config": config} if config else {}
-    pattern = version or (task.fallback_spec or task.tfds_spec).partition(":")[2] or None
+    pattern = version or task.prepare_spec.partition(":")[2] or None
     builder = fake(data_dir=data_dir, version=pattern, **kwargs)
+    tfds.disable_progress_bar()
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return os.fspath(builder.data_dir)
 

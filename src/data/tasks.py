@@ -28,7 +28,8 @@ class VTABTask:
     starting at T = val_percent * n // 100 (0: at its start); the test set is `test_split`,
     or with `test_percent` its tail from `val_percent*n//100 + (test_percent-val_percent)*n//100`
     (VTAB's train count + val count).  `fallback_spec` is read when no data of `tfds_spec`
-    is prepared (a version modern TFDS can still prepare), see `src.data.loader.resolve_spec`.
+    is prepared (a version modern TFDS can still prepare), see `src.data.loader.resolve_spec`;
+    `prepare_spec` is the one `scripts/prepare_vtab.py` prepares.
     """
 
     name: str
@@ -44,6 +45,11 @@ class VTABTask:
     label_key: str = "label"
     attr_classes: int = 0  # dsprites: classes of the raw attribute before binning
     fallback_spec: str = ""
+
+    @property
+    def prepare_spec(self) -> str:
+        """The TFDS spec that `scripts/prepare_vtab.py` prepares: `fallback_spec` if set, else `tfds_spec`."""
+        return self.fallback_spec or self.tfds_spec
 
     @property
     def tfds_name(self) -> str:

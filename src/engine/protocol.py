@@ -20,10 +20,11 @@ from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, TaskData, SplitStream
+from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
+from src.utils.device import describe_device, resolve_device
 from src.utils.layout import Layout, RunDir, stage_name
 from src.utils.logging import get_logger, setup_logging, task_log
 
@@ -98,14 +99,6 @@ def find_best_lrwd(layout: Layout) -> tuple[float, float]:
     return best[0], best[1]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VQTError(f"DEVICE {name} requested but CUDA is not available; use DEVICE cpu or auto")
-    return torch.device(name)
-
-
 class Task:
     """What one task's runs share: the backbone, the train800 + val200 images and, for the stacked
     engine, their frozen path; `train` picks the engine."""
@@ -117,6 +110,7 @@ class Task:
         self.layout = Layout.from_cfg(cfg)
         self.spec = QuerySpec.from_cfg(cfg)
         self.device = resolve_device(cfg.DEVICE)
+        get_logger().info(f"device: {describe_device(self.device)}")
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         self.grid = cfg.ENGINE.GRID and self.spec.stackable
         if cfg.ENGINE.GRID and not self.spec.stackable:

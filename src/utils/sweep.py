@@ -158,7 +158,7 @@ def visible_gpus() -> list[int]:
 def _job_failure(name: str, job, err: Exception) -> TaskResult:
     """A TaskResult for a job whose result could not be read (the job process died)."""
     tail = "\n".join((job.stderr() or "").splitlines()[-STDERR_TAIL_LINES:])
-    return TaskResult(name, False, None, f"{_headline(err)} (logs: {job.paths.folder})", tail)
+    return TaskResult(name, False, None, f"{_headline(err)} (log: {job.paths.stderr})", tail)
 
 
 def _headline(err: Exception) -> str:
@@ -182,7 +182,9 @@ def launch(jobs: Sequence[TaskJob], cluster: str, log_dir: str | Path, *, partit
         raise VQTError(f"--max-parallel must be >= 1, got {max_parallel}")
     for job in jobs:  # a bad template fails here, before anything is submitted
         task_commands(job, "0")
-    folder = Path(log_dir) / "%j"
+    # one folder per job (%j: its id), except local jobs: submitit's local controller would also create
+    # a folder literally named %j, so their files go to log_dir as <pid>_0_log.err etc.
+    folder = Path(log_dir) if cluster == "local" else Path(log_dir) / "%j"
     slots: list[list[int] | None]
     if cluster == "slurm":
         try:
