@@ -170,7 +170,7 @@ def test_bad_input_is_one_clear_line(assets, tmp_path, capsys, extra, message):
     ("DATA.CROPSIZE", "0", "DATA.CROPSIZE must be >= 1"),
     ("DATA.NUMBER_CLASSES", "1", "DATA.NUMBER_CLASSES must be -1 (unset) or >= 2"),
     ("SEED", "1.5", "SEED must be a whole number (got 1.5)"),
-    ("SEED", "abc", "SEED must be a whole number >= 0"),
+    ("SEED", "abc", "SEED must be a whole number (got abc)"),
 ])
 def test_bad_values_stop_before_anything_is_written(assets, tmp_path, capsys, key, value, message):
     assert train.main(_args(assets, str(tmp_path / "x"), over=[key, value])) == 2

@@ -11,7 +11,7 @@ from src.errors import VQTError
 
 # key -> (whole number?, may be None?, allowed?, what is allowed)
 RULES: dict[str, tuple[bool, bool, Callable[[float], bool], str]] = {
-    "SEED": (True, True, lambda v: v >= 0, ">= 0 (or None: set per run)"),
+    "SEED": (True, False, lambda v: v >= 0, ">= 0"),
     "MODEL.H2T.NUM_QUERY_TOKENS": (True, False, lambda v: v >= 0, ">= 0"),
     "MODEL.H2T.DROPOUT": (False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
     "MODEL.H2T.LRP_COEF": (False, False, lambda v: v >= 0, ">= 0"),
@@ -80,6 +80,8 @@ def type_problem(key: str, current, text: str) -> str:
         value = text
     if _is_int(current) and isinstance(value, float):
         return _problem(key, value, True, False, lambda v: True, "")
+    if _is_int(current) and not _is_int(value):
+        return f"{key} must be a whole number (got {text})"
     if isinstance(current, float) and _is_int(value):
         return f"{key} must be a float: write {value}.0"
     return f"{key} must be of type {type(current).__name__} (got {text!r})"
