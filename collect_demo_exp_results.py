@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from src.errors import VQTError
 from src.utils.cli import HelpFormatter
-from src.utils.layout import PHASES, RunDir, last_epoch, run_name, stage_name, task_dir
+from src.utils.layout import PHASES, RunDir, last_epoch, read_pick, run_name, stage_name, task_dir
 from src.utils.quiet import quiet_tensorflow
 from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
 
@@ -44,6 +45,7 @@ PRINT_ORDER: tuple[str, ...] = (
     'vtab-kitti(task="closest_vehicle_distance")', "vtab-sun397",
 )
 DEFAULT_RUNS = 5
+COUNTED = ("ok", "external")  # run statuses whose test top-1 enters the table
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Cell:
 
     @property
     def values(self) -> list[float]:
-        return [r.top1 for r in self.runs if r.status == "ok"]
+        return [r.top1 for r in self.runs if r.status in COUNTED]
 
     @property
     def mean(self) -> float | None:
@@ -84,7 +86,7 @@ class Cell:
     @property
     def epochs(self) -> str:
         """Epoch count(s) of the counted runs, e.g. "100" or "50/100" when they differ."""
-        return "/".join(str(e) for e in sorted({r.epochs for r in self.runs if r.status == "ok"}))
+        return "/".join(str(e) for e in sorted({r.epochs for r in self.runs if r.status in COUNTED}))
 
 
 def run_subdir(setting: str, task: DemoTask) -> str | None:
@@ -95,36 +97,41 @@ def run_subdir(setting: str, task: DemoTask) -> str | None:
     return ""
 
 
-def done_status(run_dir: Path) -> dict | None:
-    """The DONE record of a run folder, None when absent (interrupted) or unreadable."""
-    return RunDir(str(run_dir)).done
-
-
 def read_run(run_dir: Path, k: int, name: str) -> Run:
-    """Status and, for an ok run, the test top-1 (%) of the last epoch in eval_results.pth."""
+    """Status and, for an ok run, the test top-1 (%) of the last epoch in eval_results.pth. A folder
+    the original code wrote (results but no DONE, no marker of ours) is read as "external"."""
     if not run_dir.is_dir():
         return Run(k, "missing")
-    done = done_status(run_dir)
-    if done is None:
+    run = RunDir(str(run_dir))
+    done = run.done
+    external = done is None and not run.ours and os.path.isfile(run.results_file)
+    if done is None and not external:
         return Run(k, "incomplete", detail="no DONE: interrupted or still running")
-    if done.get("status") != "ok":
+    if not external and done.get("status") != "ok":
         return Run(k, "diverged" if done.get("status") == "diverged" else "unreadable",
                    detail=str(done.get("message") or f"DONE status {done.get('status')!r}"))
-    run = RunDir(str(run_dir))
     path = Path(run.results_file)
     try:
         results = run.load_results()
         last = last_epoch(results)
         top1 = results[f"epoch_{last}"]["classification"][f"test_{name}"]["top1"]
     except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
-        return Run(k, "unreadable", detail=f"{path.name}: {type(err).__name__}: {err}")
-    return Run(k, "ok", float(top1) * 100, last + 1)
+        return Run(k, "unreadable", detail=f"{path.name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}")
+    return Run(k, "external" if external else "ok", float(top1) * 100, last + 1,
+               "no DONE: written by the original code" if external else "")
 
 
 def _count_ok(hp_dir: Path, sub: str, n_runs: int) -> tuple[int, int]:
-    """(runs with DONE status ok, run folders present) in one lr/wd folder."""
+    """(runs with results that count, run folders present) in one lr/wd folder."""
     dirs = [hp_dir / sub / run_name(k) for k in range(1, n_runs + 1)]
-    return (sum((done_status(d) or {}).get("status") == "ok" for d in dirs), sum(d.is_dir() for d in dirs))
+    return sum(_counts(d) for d in dirs), sum(d.is_dir() for d in dirs)
+
+
+def _counts(run_dir: Path) -> bool:
+    """A finished run of ours, or results the original code wrote."""
+    run = RunDir(str(run_dir))
+    done = run.done
+    return (done or {}).get("status") == "ok" or (done is None and not run.ours and os.path.isfile(run.results_file))
 
 
 def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs: int) -> Cell | None:
@@ -137,9 +144,13 @@ def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs:
     counts = {d.name: _count_ok(d, sub, n_runs) for d in sorted(folder.iterdir()) if d.is_dir()}
     if not counts:
         return cell
-    cell.hyparam = max(counts, key=counts.__getitem__)  # most ok runs, then most run folders, then name order
+    pick = read_pick(str(root / setting), task.name, feature)
     holding = [h for h in counts if counts[h][0]]
-    if len(holding) > 1:
+    if pick and pick["folder"] in counts:
+        cell.hyparam = pick["folder"]
+    else:  # most ok runs, then most run folders, then name order
+        cell.hyparam = max(counts, key=counts.__getitem__)
+    if len(holding) > 1 and not (pick and pick["folder"] == cell.hyparam):
         cell.note = (f"several lr/wd folders hold complete runs: "
                      f"{', '.join(f'{h} ({counts[h][0]} ok)' for h in holding)}; using {cell.hyparam}")
     cell.runs = [read_run(folder / cell.hyparam / sub / run_name(k), k, task.name) for k in range(1, n_runs + 1)]
@@ -177,7 +188,7 @@ def collect(root: Path, feature: str, settings: list[str], tasks: list[DemoTask]
                 problems.append(f"missing     {t.name}: no complete runs under any of {settings}")
     for (setting, name), cell in cells.items():
         where = f"{setting} / {name} / {cell.hyparam or '(no lr/wd folder)'}"
-        for status in ("missing", "incomplete", "diverged", "unreadable"):
+        for status in ("missing", "incomplete", "diverged", "unreadable", "external"):
             bad = [r for r in cell.runs if r.status == status]
             if bad:
                 runs = ", ".join(f"run{r.k}" + (f" ({r.detail})" if r.detail else "") for r in bad)
@@ -253,7 +264,7 @@ def write_csv(report: Report, tasks: list[DemoTask], path: Path, n_runs: int) ->
             if c is None:
                 w.writerow([t.name, t.group, "", "", "", 0, "", "", *[""] * n_runs])
                 continue
-            per_seed = {r.k: f"{r.top1:.4f}" for r in c.runs if r.status == "ok"}
+            per_seed = {r.k: f"{r.top1:.4f}" for r in c.runs if r.status in COUNTED}
             stats = [f"{c.mean:.4f}", f"{c.std:.4f}"] if c.values else ["", ""]
             w.writerow([t.name, t.group, _setting_label(c), c.hyparam or "", c.epochs, len(c.values), *stats,
                         *(per_seed.get(k, "") for k in range(1, n_runs + 1))])

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="train the final runs at this lr (no search); "
                    "same as SOLVER.BASE_LR, needs --wd")
     p.add_argument("--wd", type=float, default=None, help="weight decay for --lr; same as SOLVER.WEIGHT_DECAY")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain finished runs whose settings changed (default: stop and name the changed settings)")
     p.add_argument("--sparse-mode", "--h2t_sparse_mode", dest="sparse_mode", default=None,
                    choices=["compress", "featselect"], help="run one classifier-compression stage")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -57,7 +59,8 @@ def _run(args: argparse.Namespace) -> None:
     cfg = load_cfg(args.config_file, opts)
     cfg.freeze()
     from src.engine.protocol import run_protocol  # imports torch/TF: after the arguments are checked
-    run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats)
+    run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats,
+                 overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -127,6 +128,22 @@ def _num_examples(builder, expr: str) -> int:
     except (KeyError, ValueError, AssertionError) as e:
         raise VQTError(f"TFDS {builder.info.full_name} in {builder.data_dir}: split {expr!r} is not available ({e}); "
                        "the data is incomplete or too small for VTAB-1k: re-prepare it with scripts/prepare_vtab.py") from None
+
+
+def data_identity(cfg) -> str:
+    """What identifies the task's data: the TFDS dataset (name, version, its dataset_info.json) or the
+    image-folder lists."""
+    task = get_task(cfg.DATA.NAME)
+    if cfg.DATA.SOURCE == "tfds":
+        spec = resolve_spec(task, cfg.DATA.DATAPATH)
+        info = open_builder(task, cfg.DATA.DATAPATH).data_dir
+        with open(os.path.join(info, "dataset_info.json"), "rb") as f:
+            return f"tfds {spec} " + hashlib.sha256(f.read()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for split in ("train800", "val200", "test"):
+        list_file, entries = _folder_entries(cfg, task, split)
+        h.update(repr([(os.path.relpath(path, os.path.dirname(list_file)), y) for path, y in entries]).encode())
+    return f"imagefolder {task.folder} " + h.hexdigest()[:16]
 
 
 def check_classes(cfg, task: VTABTask) -> None:

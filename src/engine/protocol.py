@@ -8,25 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from yacs.config import CfgNode
 
 from src.configs.vit_configs import zoo_entry
-from src.data.loader import ImageSet, check_classes, check_task_data, load_split, stream_split
+from src.data.loader import ImageSet, check_classes, check_task_data, data_identity, load_split, stream_split
 from src.data.tasks import get_task
 from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
+from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.errors import VQTError
-from src.models.checkpoints import build_backbone
+from src.models.checkpoints import build_backbone, weight_path
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
 from src.utils.device import describe_device, resolve_device
-from src.utils.layout import Layout, RunDir, stage_name
-from src.utils.logging import get_logger, setup_logging, task_log
+from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
+from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
 SPARSE_MODES = ("compress", "featselect")
@@ -79,14 +81,18 @@ def find_best_lrwd(layout: Layout) -> tuple[float, float]:
     logger = get_logger()
     found, skipped = [], []
     for lr, wd, run in layout.search_runs():
-        done = run.done
+        done = run.finished
         if done is None or done["status"] != "ok":
-            skipped.append(f"{run.path} ({'incomplete' if done is None else done['status']})")
+            skipped.append((run.path, "incomplete" if done is None else done["status"], (done or {}).get("message", "")))
             continue
         results = run.load_results()
         found.append((lr, wd, results[f"epoch_{len(results) - 1}"]["classification"][f"val_{layout.data_name}"]["top1"]))
     if skipped:
-        logger.warning("search runs not used for the pick: " + "; ".join(sorted(skipped)))
+        logger.warning("search runs not used for the pick: " + "; ".join(f"{p} ({s})" for p, s, _ in sorted(skipped)))
+    diverged = [(p, m) for p, s, m in sorted(skipped) if s == "diverged"]
+    if not found and diverged and len(diverged) == len(skipped):
+        raise VQTError(f"all {len(diverged)} search runs diverged (first: {diverged[0][0]}: {diverged[0][1]}); fix the "
+                       "cause (checkpoint, MODEL.H2T.DROPOUT, ...) and rerun: diverged runs retrain under new settings")
     if not found:
         raise VQTError(f"no finished search run under {layout.task_dir('search')}: run the search first "
                        "(train.py without --dont_search), or give --lr and --wd")
@@ -103,20 +109,22 @@ class Task:
     """What one task's runs share: the backbone, the train800 + val200 images and, for the stacked
     engine, their frozen path; `train` picks the engine."""
 
-    def __init__(self, cfg: CfgNode):
+    def __init__(self, cfg: CfgNode, overwrite: bool = False):
         check_classes(cfg, get_task(cfg.DATA.NAME))
         zoo_entry(cfg.DATA.FEATURE)
         self.cfg = cfg
         self.layout = Layout.from_cfg(cfg)
         self.spec = QuerySpec.from_cfg(cfg)
         self.device = resolve_device(cfg.DEVICE)
-        get_logger().info(f"device: {describe_device(self.device)}")
+        self.device_line = f"device: {describe_device(self.device)}"
+        get_logger().info(self.device_line)
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         self.grid = cfg.ENGINE.GRID and self.spec.stackable
         if cfg.ENGINE.GRID and not self.spec.stackable:
             get_logger().info("MODEL.H2T.QUERY_ATTENDS_QUERIES: the stacked engine packs runs into the token axis, "
                               "which needs queries that never attend to queries; training on the reference path")
-        self._backbone = self._images = self._frozen = None
+        self.overwrite = overwrite
+        self._backbone = self._images = self._frozen = self._settings = None
         self.n_train = 0
 
     @property
@@ -153,19 +161,44 @@ class Task:
     def test_set(self) -> SplitStream:
         return SplitStream(*stream_split(self.cfg, "test", self.cfg.ENGINE.EVAL_BATCH_SIZE))
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """What every run's identity shares (after the backbone loaded, so a missing file is one clear line)."""
+        if self._settings is None:
+            _ = self.backbone
+            self._settings = task_settings(self.cfg, weight_path(self.cfg), data_identity(self.cfg))
+        return self._settings
+
     def train(self, phase: str, runs: list[Run], recipe: Recipe, *, train: str, test: bool, save_ckpt: bool) -> None:
-        """Train the runs of a phase that have no DONE record yet (interrupted ones are redone)."""
+        """Train the runs of a phase unless finished under the same identity. Interrupted runs are redone;
+        a finished run with another identity stops the phase (or is redone with `overwrite`, or when it
+        diverged)."""
         logger = get_logger()
-        todo = []
+        todo, stale, reused = [], [], 0
         for r in runs:
-            if r.dir.done is not None:
-                logger.info(f"already done ({r.dir.done['status']}): {r.dir.path}")
-            else:
-                if r.dir.incomplete:
-                    logger.warning(f"incomplete run (no DONE marker), redoing it: {r.dir.path}")
+            r.identity = run_identity(self.settings, r.lr, r.wd, r.seed, r.parent)
+            done = r.dir.finished
+            if done is None:
+                if os.path.isdir(r.dir.path) and os.listdir(r.dir.path):
+                    if not r.dir.ours:
+                        r.dir.start()  # raises: not ours
+                    logger.warning(f"interrupted or unreadable run, redoing it: {r.dir.path}")
                 todo.append(r)
+            elif done.get("identity") == r.identity["identity"]:
+                reused += 1
+            elif done["status"] == "diverged" or self.overwrite:
+                logger.info(f"settings changed ({'; '.join(differences(done, r.identity))}), retraining {r.dir.path}")
+                todo.append(r)
+            else:
+                stale.append((r, done))
+        if stale:
+            r, done = stale[0]
+            raise VQTError(f"{len(stale)} finished {phase} runs (e.g. {r.dir.path}) were trained with other settings: "
+                           f"{'; '.join(differences(done, r.identity))}. Use another OUTPUT_DIR, or --overwrite to "
+                           "retrain them")
         engine = "stacked engine" if self.grid else "reference loop"
-        logger.info(f"{phase}: {len(todo)} runs to train on the {engine}, {len(runs) - len(todo)} already done")
+        logger.info(f"{phase}: {len(todo)} runs to train on the {engine}, {reused} finished with the same settings "
+                    "(reused)")
         if not todo:
             return
         data = self.data(train, test)
@@ -186,39 +219,64 @@ class Task:
             self._frozen.close()
 
 
+@contextlib.contextmanager
+def _phase(task: Task, phase: str, stage: str = "") -> Iterator[None]:
+    """Hold the phase's lock and log to its task log (which starts with what produced it)."""
+    layout = task.layout
+    with layout.lock(phase, stage), task_log(layout.task_log(phase), environment() + [task.device_line]):
+        yield
+
+
 def _search(task: Task, cfg: CfgNode, arch_feats: str) -> None:
     lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats)
     scale = cfg.DATA.BATCH_SIZE / 256
     runs = [Run(task.layout.run("search", lr * scale, wd, 1), lr * scale, wd, cfg.SEED) for lr in lrs for wd in wds]
-    with task.layout.lock("search"), task_log(task.layout.task_log("search")):
+    with _phase(task, "search"):
         task.train("search", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800", test=False,
                    save_ckpt=False)
+        find_best_lrwd(task.layout)
 
 
-def _lr_wd(cfg: CfgNode, layout: Layout) -> tuple[float, float]:
-    """SOLVER.BASE_LR / WEIGHT_DECAY when given, else the search's pick."""
+def _lr_wd(cfg: CfgNode, layout: Layout, phase: str) -> tuple[float, float]:
+    """SOLVER.BASE_LR / WEIGHT_DECAY when given, else the search's pick; recorded in the phase's pick.json."""
     lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
-    return (float(lr), float(wd)) if lr is not None else find_best_lrwd(layout)
+    if lr is not None:
+        lr, wd, source = float(lr), float(wd), "given (SOLVER.BASE_LR / WEIGHT_DECAY)"
+    else:
+        (lr, wd), source = find_best_lrwd(layout), "search"
+    layout.write_pick(phase, lr, wd, source)
+    return lr, wd
 
 
 def _finals(task: Task, cfg: CfgNode) -> None:
-    lr, wd = _lr_wd(cfg, task.layout)
+    lr, wd = _lr_wd(cfg, task.layout, "final")
     runs = [Run(task.layout.run("final", lr, wd, k + 1), lr, wd, seed) for k, seed in enumerate(FINAL_SEEDS)]
-    with task.layout.lock("final"), task_log(task.layout.task_log("final")):
+    with _phase(task, "final"):
         task.train("final", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800val200",
                    test=True, save_ckpt=cfg.MODEL.SAVE_CKPT)
+        _report_test(runs, cfg.DATA.NAME, "final")
 
 
-def _checkpoint(run: RunDir, what: str, fix: str) -> dict:
-    """A finished run's checkpoint, or one line saying what is missing and how to get it."""
-    done = run.done
+def _report_test(runs: list[Run], name: str, phase: str) -> None:
+    """One console line: the phase's test top-1 over its finished runs."""
+    top1 = [100 * (res := r.dir.load_results())[f"epoch_{last_epoch(res)}"]["classification"][f"test_{name}"]["top1"]
+            for r in runs if (r.dir.finished or {}).get("status") == "ok"]
+    if top1:
+        get_logger().info(f"{phase}: test top-1 {np.mean(top1):.2f} ± {np.std(top1):.2f} over {len(top1)} runs")
+
+
+def _finished_run(run: RunDir, what: str, fix: str, lock: TaskLock) -> dict:
+    """The DONE record of a finished run this stage starts from, or one line saying what is missing."""
+    done = run.finished
     if done is None or done["status"] != "ok":
+        if done is None and os.path.isdir(run.path) and (holder := lock.holder()):
+            raise VQTError(f"{what} run {run.path} is still running ({holder} holds {lock.path}): wait for it to finish")
         state = "missing" if not os.path.isdir(run.path) else ("incomplete" if done is None else done["status"])
         raise VQTError(f"{what} run {run.path} is {state}; {fix}")
     if not os.path.isfile(run.checkpoint_file):
         raise VQTError(f"{run.checkpoint_file} is missing (the {what} runs were trained with MODEL.SAVE_CKPT False): "
                        f"delete {os.path.dirname(run.path)} and train the {what} runs again with MODEL.SAVE_CKPT True")
-    return run.load_checkpoint()
+    return done
 
 
 def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
@@ -228,36 +286,39 @@ def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
     if mode == "featselect" and not (0 < h2t.KEEP_FRAC <= 1.0 and h2t.LRP_COEF == 0.0):
         raise VQTError("featselect needs 0 < MODEL.H2T.KEEP_FRAC <= 1.0 and MODEL.H2T.LRP_COEF 0.0")
     layout = task.layout
-    lr, wd = _lr_wd(cfg, layout)
+    lr, wd = _lr_wd(cfg, layout, "sparse")
     stage = stage_name(mode, h2t.KEEP_FRAC)
     keep = int(task.spec.feature_dim(task.backbone.embed_dim, task.backbone.depth) * h2t.KEEP_FRAC)
     runs = []
     for k, seed in enumerate(FINAL_SEEDS):
-        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed)
-        if run.dir.done is None:
-            final = _checkpoint(layout.run("final", lr, wd, k + 1), "final", "run scripts/VQT/run_vqt_vtab.sh first")
-            run.start = {key: v for key, v in final["model"].items() if key not in (HEAD_W, HEAD_B)}
-            if mode == "featselect":
-                compress = _checkpoint(layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0)), "compress",
-                                       "run the compress stage first (--sparse-mode compress)")
-                run.feat_ids = torch.topk(compress["model"][HEAD_W].norm(dim=0), k=keep).indices
+        final = layout.run("final", lr, wd, k + 1)
+        done = _finished_run(final, "final", "run scripts/VQT/run_vqt_vtab.sh first", layout.lock("final"))
+        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed, parent=done["identity"])
+        run.start = {key: v for key, v in final.load_checkpoint()["model"].items() if key not in (HEAD_W, HEAD_B)}
+        if mode == "featselect":
+            compress = layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0))
+            done = _finished_run(compress, "compress", "run the compress stage first (--sparse-mode compress)",
+                                 layout.lock("sparse", "compress"))
+            run.parent += " " + done["identity"]
+            run.feat_ids = torch.topk(compress.load_checkpoint()["model"][HEAD_W].norm(dim=0), k=keep).indices
         runs.append(run)
     recipe = Recipe.from_cfg(cfg, lrp_coef=h2t.LRP_COEF if mode == "compress" else 0.0, freeze_queries=True)
-    with layout.lock("sparse", stage), task_log(layout.task_log("sparse")):
+    with _phase(task, "sparse", stage):
         task.train("sparse", runs, recipe, train="train800val200", test=True, save_ckpt=cfg.MODEL.SAVE_CKPT)
+        _report_test(runs, cfg.DATA.NAME, stage)
 
 
 def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | None = None,
-                 arch_feats: str = "") -> None:
+                 arch_feats: str = "", overwrite: bool = False) -> None:
     """Search (unless `dont_search` or an lr/wd is given) then the 5 final runs; or one compression
-    stage (`sparse_mode`)."""
+    stage (`sparse_mode`). `overwrite`: retrain finished runs whose settings changed."""
     check_supported(cfg)
     if sparse_mode is not None and sparse_mode not in SPARSE_MODES:
         raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
     setup_logging()
     counts = check_task_data(cfg)
     get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
-    task = Task(cfg)
+    task = Task(cfg, overwrite)
     with contextlib.closing(task):
         if sparse_mode is not None:
             _sparse(task, cfg, sparse_mode)

@@ -82,6 +82,8 @@ class RunRecord:
         metrics = classification_metrics(logits, targets)
         self.results[f"epoch_{len(self.results) - 1}"]["classification"][self.test_name] = metrics
         self.log(f"Classification results with {self.test_name}: " + _fmt(metrics))
+        if self._tb is not None:
+            self._tb.add_scalar("test/top1", metrics["top1"], len(self.results) - 1)
         if self.save_ckpt:
             atomic_save({"targets": torch.from_numpy(targets), "joint_logits": torch.from_numpy(logits.copy())},
                         self.run.dir.logits_file(self.test_name))
@@ -99,7 +101,7 @@ class RunRecord:
         if self._tb is not None:
             self._tb.close()
         self._log.close()
-        d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results))
+        d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results), self.run.identity or {})
 
 
 def _fmt(metrics: dict[str, float]) -> str:

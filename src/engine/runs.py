@@ -25,8 +25,10 @@ class Run:
     lr: float
     wd: float
     seed: int
-    start: dict | None = None             # a `VQT.trained_state` whose query tokens are loaded
+    start: dict | None = None             # trained tensors to start from, by original name (query tokens)
     feat_ids: torch.Tensor | None = None  # (F',) kept features (featselect)
+    parent: str = ""                      # identities of the runs it starts from
+    identity: dict | None = None          # set when the phase starts (src.engine.identity)
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,12 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
             model.norm.bias.zero_()
 
 
+def weight_path(cfg) -> str:
+    """The checkpoint file: MODEL.WEIGHT_PATH, else MODEL.MODEL_ROOT / the zoo file of DATA.FEATURE."""
+    root, explicit = cfg.MODEL.MODEL_ROOT, cfg.MODEL.WEIGHT_PATH
+    return explicit or os.path.join(root, zoo_entry(cfg.DATA.FEATURE).file)
+
+
 def build_backbone(cfg) -> VisionTransformer:
     """The frozen (no grad, eval mode) pre-trained backbone named by DATA.FEATURE at DATA.CROPSIZE; its
     embedding dropout is the original's with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
@@ -211,8 +217,7 @@ def build_backbone(cfg) -> VisionTransformer:
         model = VisionTransformer(entry.arch, cfg.DATA.CROPSIZE, embed_dropout)
     except ValueError as e:
         raise VQTError(f"DATA.CROPSIZE {cfg.DATA.CROPSIZE}: {e}") from None
-    root, weight_path = cfg.MODEL.MODEL_ROOT, cfg.MODEL.WEIGHT_PATH
-    path = weight_path or os.path.join(root, entry.file)
+    path = weight_path(cfg)
     load_backbone(model, path, entry.format)
     model.requires_grad_(False)
     return model.eval()

@@ -1,20 +1,27 @@
 """The results layout, owned here alone (it is the original's, so tools written for it read ours):
 
     OUTPUT_DIR{_val,_final,_sparsefinal}/<DATA.NAME>/<DATA.FEATURE>/lr{lr}_wd{wd}_bs{bs}/[STAGE/]run{k}/
-        config.yaml  logs.txt  eval_results.pth  [last_model.pth  {val,test}_<DATA.NAME>_logits.pth]  tb/  DONE
+        .vqt_run  config.yaml  logs.txt  eval_results.pth  [last_model.pth  {val,test}_<DATA.NAME>_logits.pth]
+        tb/  DONE
+    OUTPUT_DIR{_val,...}/.vqt/<DATA.NAME>/<DATA.FEATURE>/   logs.txt, pick.json, *.lock (the phase's bookkeeping)
 
-STAGE is `compress` or `keep_frac_{F}` in the sparsity phase. Results are written atomically and DONE
-last, so a run folder without DONE is an interrupted run and is redone; a lock keeps two processes
-off the same stage. `eval_results.pth` holds VPT's nested dict, one `epoch_{e}` entry per epoch.
+STAGE is `compress` or `keep_frac_{F}` in the sparsity phase. A feature folder holds only lr/wd folders
+(the original collector takes its first entry). Results are written atomically and DONE last, so a
+run folder without DONE is an interrupted run and is redone, but only when `.vqt_run` says we
+created it. DONE records the run's identity (every setting that changes its numbers).
+`eval_results.pth` holds VPT's nested dict, one `epoch_{e}` entry per epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import pickle
 import re
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -24,6 +31,8 @@ from src.errors import VQTError
 
 PHASES = {"search": "_val", "final": "_final", "sparse": "_sparsefinal"}
 DONE = "DONE"
+STARTED = ".vqt_run"
+META = ".vqt"
 _HP = re.compile(r"lr([0-9.e+-]+)_wd([0-9.e+-]+)_bs(\d+)$")
 
 
@@ -55,6 +64,21 @@ def run_name(k: int) -> str:
 def task_dir(phase_root: str, data_name: str, feature: str) -> str:
     """A task's folder under a phase folder (OUTPUT_DIR + suffix, the collector's "setting")."""
     return os.path.join(phase_root, data_name, feature)
+
+
+def meta_dir(phase_root: str, data_name: str, feature: str) -> str:
+    """A task's bookkeeping folder under a phase folder (logs.txt, pick.json, locks)."""
+    return task_dir(os.path.join(phase_root, META), data_name, feature)
+
+
+def read_pick(phase_root: str, data_name: str, feature: str) -> dict | None:
+    """The lr/wd folder a phase trained (its pick.json), None when not recorded or unreadable."""
+    try:
+        with open(os.path.join(meta_dir(phase_root, data_name, feature), "pick.json")) as f:
+            pick = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return pick if isinstance(pick, dict) and "folder" in pick else None
 
 
 def last_epoch(results: dict) -> int:
@@ -91,31 +115,60 @@ class Layout:
         return [(hp[0], hp[1], RunDir(os.path.join(root, n, run_name(1)))) for n in names
                 if (hp := parse_hp_name(n)) and hp[2] == self.batch_size and os.path.isdir(os.path.join(root, n, run_name(1)))]
 
+    def meta_dir(self, phase: str) -> str:
+        """The phase's bookkeeping for this task, outside the folders the original collector lists."""
+        return meta_dir(self.output_dir + PHASES[phase], self.data_name, self.feature)
+
     def lock(self, phase: str, stage: str = "") -> TaskLock:
-        return TaskLock(os.path.join(self.task_dir(phase), stage))
+        return TaskLock(os.path.join(self.meta_dir(phase), f"{stage or phase}.lock"))
 
     def task_log(self, phase: str) -> str:
-        return os.path.join(self.task_dir(phase), "logs.txt")
+        return os.path.join(self.meta_dir(phase), "logs.txt")
+
+    def write_pick(self, phase: str, lr: float, wd: float, source: str) -> None:
+        """Record which lr/wd folder the phase trains (pick.json: lr, wd, folder, how it was chosen)."""
+        rec = {"lr": lr, "wd": wd, "folder": hp_name(lr, wd, self.batch_size), "source": source}
+        try:
+            os.makedirs(self.meta_dir(phase), exist_ok=True)
+        except OSError as e:
+            raise _write_failed(self.meta_dir(phase), e) from None
+        atomic_write_text(json.dumps(rec) + "\n", os.path.join(self.meta_dir(phase), "pick.json"))
 
     def cache_dir(self) -> str:
         """Scratch folder of disk-memmap caches."""
         return self.output_dir + "_cache"
 
 
+def _write_failed(path: str, err: BaseException) -> VQTError:
+    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    return VQTError(f"cannot write {path}: {reason}; check that {os.path.dirname(path) or '.'} is writable and its disk "
+                    "has space (or point OUTPUT_DIR elsewhere), then rerun: unfinished runs are redone")
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, then rename over `path`."""
+    """torch.save to a temporary file, then rename over `path`; a failed write is one VQTError line."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise _write_failed(path, e) from None
 
 
 def atomic_write_text(text: str, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise _write_failed(path, e) from None
 
 
 @dataclass
@@ -153,31 +206,94 @@ class RunDir:
         return self.file(f"{split_name}_logits.pth")
 
     def load_results(self) -> dict:
-        return torch.load(self.results_file, weights_only=True)
+        """eval_results.pth, ours or the original code's (a defaultdict holding numpy floats), loaded
+        without unpickling anything else."""
+        return torch.load(self.results_file, pickle_module=_RESULTS_PICKLE, weights_only=False)
+
+    @property
+    def ours(self) -> bool:
+        """Whether vqt created this folder (it carries our STARTED marker)."""
+        return os.path.isfile(self.file(STARTED))
+
+    @property
+    def finished(self) -> dict | None:
+        """The DONE record of a run whose results can be read back; None when the run is to be (re)done."""
+        done = self.done
+        if done is None:
+            return None
+        try:
+            results = self.load_results()
+            if not isinstance(results, dict) or (done["status"] == "ok" and not results):
+                return None
+        except Exception:  # noqa: BLE001 - any unreadable results file means the run is not finished
+            return None
+        return done
 
     def load_checkpoint(self) -> dict:
         return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
 
     def start(self) -> None:
-        """Create the folder afresh (an interrupted run's leftovers are removed)."""
-        if os.path.isdir(self.path):
+        """Create the folder afresh: a folder we created before (an interrupted or replaced run) is cleared;
+        one we did not create is never touched."""
+        if os.path.isdir(self.path) and os.listdir(self.path):
+            if not self.ours:
+                raise VQTError(f"{self.path} exists and was not written by vqt (no {STARTED} marker): move it away "
+                               "or use another OUTPUT_DIR; vqt never deletes results it did not write")
             shutil.rmtree(self.path)
-        os.makedirs(self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            open(self.file(STARTED), "w").close()
+        except OSError as e:
+            raise _write_failed(self.file(STARTED), e) from None
 
-    def finish(self, status: str, message: str, epochs: int) -> None:
-        rec = {"status": status, "message": message, "epochs": epochs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    def finish(self, status: str, message: str, epochs: int, identity: dict) -> None:
+        """Write DONE (last): status, message, epochs and the run's identity."""
+        rec = {"status": status, "message": message, "epochs": epochs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               **identity}
         atomic_write_text(json.dumps(rec) + "\n", self.file(DONE))
 
 
-class TaskLock:
-    """Exclusive, non-blocking lock on `folder/.lock` (released when the process exits)."""
+class _ResultsUnpickler(pickle.Unpickler):
+    """Unpickles nested dicts of numbers: what eval_results.pth holds, ours or the original code's (a
+    collections.defaultdict of numpy scalars). Any other global is refused."""
 
-    def __init__(self, folder: str):
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, ".lock")
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in {("collections", "defaultdict"), ("builtins", "dict"), ("__builtin__", "dict"),
+                                     ("_codecs", "encode"), ("numpy", "dtype"), ("numpy._core.multiarray", "scalar"),
+                                     ("numpy.core.multiarray", "scalar")}
+        if allowed or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not expected in an eval_results.pth")
+
+
+_RESULTS_PICKLE = types.SimpleNamespace(Unpickler=_ResultsUnpickler, __name__="pickle")
+
+
+class TaskLock:
+    """Exclusive, non-blocking lock on the file `path` (released when the process exits)."""
+
+    def __init__(self, path: str):
+        self.path = path
         self.fd = None
 
+    def holder(self) -> str | None:
+        """Who holds the lock now ("pid N"), or None when nobody does."""
+        if not os.path.isfile(self.path):
+            return None
+        with open(self.path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                return f.read().strip() or "another process"
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
     def __enter__(self) -> Self:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise _write_failed(self.path, e) from None
         self.fd = open(self.path, "a+")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
