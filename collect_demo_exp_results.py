@@ -2,9 +2,10 @@
 
 With no arguments it prints the original table (settings VQTSup_1_adam_sparsefinal (keep_frac_0.7),
 VQTSup_10_adam_final, VQTSup_20_adam_final; feature sup_vitb16_imagenet1k) with these fixes: the
-lr/wd folder is the one holding complete runs (said so when several do), the last epoch present
-is read (not epoch_99), only runs whose DONE status is "ok" count, and missing, incomplete,
-diverged and unreadable runs are listed at the end. It also writes results.csv, results.md and
+lr/wd folder is the one the protocol recorded in pick.json (else the one holding complete runs, said
+so when several do), the last epoch present is read (not epoch_99), runs whose DONE status is "ok"
+count, and so do results the original code wrote (no DONE: listed as "external"); missing,
+incomplete, diverged and unreadable runs are listed at the end. It also writes results.csv, results.md and
 results.png to --out. The exit status is 0 even when runs are missing (this is a report); 2 on bad
 input, 1 when the result files cannot be written.
 """

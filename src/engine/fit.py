@@ -42,7 +42,7 @@ def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord)
     steps, bs = recipe.steps(len(data.train_rows)), recipe.batch_size
     with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
         torch.manual_seed(run.seed)
-        for epoch in tqdm(range(recipe.epochs), desc=f"run seed {run.seed}", leave=False):
+        for epoch in tqdm(range(recipe.epochs), desc=f"{record.label}: epoch", unit="epoch", leave=False):
             lr = opt.param_groups[0]["lr"]
             record.epoch_start(epoch, recipe.epochs, lr)
             model.train()
@@ -68,7 +68,9 @@ def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord)
             record.epoch_end(epoch, recipe.epochs, total / steps, lr, *evaluate(model, val))
     if data.test is not None:
         test = data.test()
-        batches = ((preprocess(images, data.size, data.device), labels) for images, labels in test.batches)
+        batches = ((preprocess(images, data.size, data.device), labels) for images, labels in
+                   tqdm(test.batches, desc=f"{record.label}: test batch", total=-(-test.size // recipe.eval_batch_size),
+                        leave=False))
         record.test(*evaluate(model, batches))
 
 

@@ -161,7 +161,7 @@ class FrozenFeatures:
         self.kv = self._storage((bb.depth, 2, n, heads, bb.num_tokens, d // heads), dtype, location, scratch_dir)
         batches = ((self.images.images[i:i + batch_size], None) for i in range(0, n, batch_size))
         start = 0
-        for feat, kvs, _ in tqdm(frozen_batches(bb, batches, self.size, self.device), desc="frozen pass (cache)",
+        for feat, kvs, _ in tqdm(frozen_batches(bb, batches, self.size, self.device), desc=f"frozen pass of {n} images (cache): batch",
                                  total=-(-n // batch_size), leave=False):
             end = start + feat.shape[0]
             self.feat[start:end] = feat

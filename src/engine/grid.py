@@ -75,7 +75,7 @@ def fit_grid(spec: QuerySpec, frozen: FrozenFeatures, jobs: list[tuple[Run, RunR
     bs, n_train = recipe.batch_size, len(data.train_rows)
     steps = recipe.steps(n_train)
     groups = passes(model.seeds, max(1, frozen.max_batch_rows(fused_kv_gib) // bs))
-    for epoch in tqdm(range(recipe.epochs), desc=f"{len(runs)} runs", leave=False):
+    for epoch in tqdm(range(recipe.epochs), desc=f"{len(runs)} runs: epoch", unit="epoch", leave=False):
         factor = recipe.lr_factor(epoch)
         for r, rec in zip(runs, records):
             rec.epoch_start(epoch, recipe.epochs, r.lr * factor)
@@ -117,7 +117,7 @@ def fit_grid(spec: QuerySpec, frozen: FrozenFeatures, jobs: list[tuple[Run, RunR
 
     if data.test is not None and active.any():
         test = data.test()
-        batches = tqdm(test.batches, desc=f"test ({test.size} images)", total=math.ceil(test.size / recipe.eval_batch_size),
+        batches = tqdm(test.batches, desc=f"test ({test.size} images, all {len(runs)} runs): batch", total=math.ceil(test.size / recipe.eval_batch_size),
                        leave=False)
         logits, targets = _logits(model, frozen_batches(bb, batches, data.size, device))
         for g in active.nonzero().flatten().tolist():

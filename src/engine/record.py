@@ -26,6 +26,7 @@ class RunRecord:
 
     def __init__(self, run: Run, cfg: CfgNode, *, save_ckpt: bool):
         self.run, self.save_ckpt, self.log_trainable = run, save_ckpt, cfg.SOLVER.DBG_TRAINABLE
+        self.label = f"run lr {run.lr:g} wd {run.wd:g} seed {run.seed}"
         self.val_name, self.test_name = f"val_{cfg.DATA.NAME}", f"test_{cfg.DATA.NAME}"
         self.results: dict = {}
         self.diverged = ""
