@@ -29,7 +29,7 @@ from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
 
 def demo_setting(task: DemoTask, optimizer: str = "adam") -> str:
     """The setting run_demo_exp.sh reports a task from: the sparsity runs when it has a keep fraction."""
-    return f"VQTSup_{task.q}_{optimizer}_{'sparsefinal' if task.fraction is not None else 'final'}"
+    return f"VQTSup_{task.q}_{optimizer}" + PHASES["sparse" if task.fraction is not None else "final"]
 
 
 # task -> setting its number comes from (Q=1 tasks: sparsefinal keep_frac_0.7; Q=10/20: final).

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import collect_demo_exp_results as collect
+from src.utils.layout import STARTED
 
 REPO = Path(__file__).resolve().parents[1]
 FEAT = "sup_vitb16_imagenet1k"
@@ -23,6 +24,7 @@ TASKS = ["vtab-dtd", "vtab-caltech101", "vtab-svhn", "vtab-dmlab", "vtab-eurosat
 def _run(folder: Path, name: str, top1: float | None, epochs: int = 3, status: str | None = "ok") -> None:
     """A run folder as the engine writes it; top1=None leaves out the test metrics, status=None the DONE file."""
     folder.mkdir(parents=True)
+    (folder / STARTED).touch()
     results = {f"epoch_{e}": {"classification": {f"val_{name}": {"top1": 0.5, "top5": 0.9}}} for e in range(epochs)}
     if top1 is not None:
         results[f"epoch_{epochs - 1}"]["classification"][f"test_{name}"] = {"top1": top1, "top5": 0.99}

@@ -15,24 +15,13 @@ from yacs.config import CfgNode
 
 import train
 from src.configs.defaults import get_cfg
-from src.configs.vit_configs import VIT_DEMO
-from src.data.synthetic import write_fake_tfds
 from src.engine.protocol import FINAL_SEEDS
-from src.models.checkpoints import write_random_npz
 from src.models.vqt import HEAD_W, QUERY_KEY, QuerySpec
 from src.utils.layout import PHASES, Layout
 from src.utils.sweep import DEMO_TASKS
 
 NAME = "vtab-eurosat"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    write_fake_tfds(NAME, str(root / "data"), learnable=True)
-    write_random_npz(str(root / "demo.npz"), VIT_DEMO, img_size=32)
-    return root
 
 
 def _args(assets, out, *flags, over=()):
@@ -274,7 +263,9 @@ def test_a_variant_the_grid_cannot_express_runs_on_the_reference_loop(assets, tm
 
 
 def test_each_phase_logs_to_its_own_task_log(finished):
-    search = Path(_task_dir(finished, "_val"), "logs.txt").read_text()
-    final = Path(_task_dir(finished, "_final"), "logs.txt").read_text()
+    layout = Layout(finished, NAME, "demo_vit_tiny", 128)
+    search, final = (Path(layout.task_log(phase)).read_text() for phase in ("search", "final"))
     assert "search: 20 runs to train" in search and "final:" not in search
     assert "final: 5 runs to train" in final and "search:" not in final
+    assert all(text.startswith(("[", "command: ")) and "git commit: " in text and "wall time: " in text
+               for text in (search, final))

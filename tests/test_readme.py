@@ -59,7 +59,7 @@ def test_readme_launchers_then_train_py(demo):
     assert readme[:2] == ["python", "train.py"] and "--optimizer" in readme
     opts = ["DATA.NAME", name, "DATA.NUMBER_CLASSES", classes, "DATA.FEATURE", feature, "MODEL.H2T.NUM_QUERY_TOKENS", q,
             "DATA.DATAPATH", env["DATA_PATH"], "MODEL.MODEL_ROOT", env["MODEL_ROOT"], "OUTPUT_DIR", str(out),
-            "DATA.BATCH_SIZE", "128", *TINY.split()]
+            "DATA.BATCH_SIZE", "128", "MODEL.H2T.DROPOUT", "0.1", *TINY.split()]  # the launcher's settings
     p = _run([sys.executable, *readme[1:], "--dont_search", *opts], env)  # the yaml says sgd: --optimizer wins
     assert "error" not in p.stderr
     assert _done_runs(Path(f"{out}_final") / name / feature) == finals  # finished runs are kept

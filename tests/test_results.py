@@ -13,26 +13,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import collect_demo_exp_results as collect
 import train
 from src.configs.vit_configs import VIT_DEMO
-from src.data.synthetic import write_fake_tfds
 from src.models.checkpoints import write_random_npz
 from src.utils.layout import Layout, RunDir
 
 NAME, FEAT = "vtab-eurosat", "demo_vit_tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    write_fake_tfds(NAME, str(root / "data"), learnable=True)
-    write_random_npz(str(root / "demo.npz"), VIT_DEMO, img_size=32)
-    return root
 
 
 def _args(assets, out, *flags, weights=None, **over):
