@@ -179,9 +179,7 @@ class Task:
             r.identity = run_identity(self.settings, r.lr, r.wd, r.seed, r.parent)
             done = r.dir.finished
             if done is None:
-                if os.path.isdir(r.dir.path) and os.listdir(r.dir.path):
-                    if not r.dir.ours:
-                        r.dir.start()  # raises: not ours
+                if r.dir.leftover:
                     logger.warning(f"interrupted or unreadable run, redoing it: {r.dir.path}")
                 todo.append(r)
             elif done.get("identity") == r.identity["identity"]:

@@ -232,13 +232,20 @@ class RunDir:
     def load_checkpoint(self) -> dict:
         return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
 
+    @property
+    def leftover(self) -> bool:
+        """Whether the folder holds files of an unfinished run (a VQTError if vqt did not create them)."""
+        if not (os.path.isdir(self.path) and os.listdir(self.path)):
+            return False
+        if not self.ours:
+            raise VQTError(f"{self.path} exists and was not written by vqt (no {STARTED} marker): move it away "
+                           "or use another OUTPUT_DIR; vqt never deletes results it did not write")
+        return True
+
     def start(self) -> None:
         """Create the folder afresh: a folder we created before (an interrupted or replaced run) is cleared;
         one we did not create is never touched."""
-        if os.path.isdir(self.path) and os.listdir(self.path):
-            if not self.ours:
-                raise VQTError(f"{self.path} exists and was not written by vqt (no {STARTED} marker): move it away "
-                               "or use another OUTPUT_DIR; vqt never deletes results it did not write")
+        if self.leftover:
             shutil.rmtree(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
