@@ -63,8 +63,8 @@ def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord)
                 if (step + 1) % recipe.log_every == 0:
                     record.step(step, steps, loss.item())
             schedule.step()
-            val = ((data.tensors(data.val_rows[i:i + recipe.eval_batch_size]))
-                   for i in range(0, len(data.val_rows), recipe.eval_batch_size))
+            e = recipe.eval_batch_size
+            val = (data.tensors(data.val_rows[i:i + e]) for i in range(0, len(data.val_rows), e))
             record.epoch_end(epoch, recipe.epochs, total / steps, lr, *evaluate(model, val))
     if data.test is not None:
         test = data.test()
