@@ -1,12 +1,13 @@
 """Pre-trained ViT checkpoints: load Google/JAX `.npz`, MAE `.pth` and MoCo-v3 `.pth.tar` files into
 `VisionTransformer`, and write random checkpoints in the same layouts (tests and the demo).
 
-Every parameter of the model is set from the file exactly once (MAE: `norm`, which plays MAE's
-fc_norm, is not in the file and is reset to weight 1 / bias 0 as in the original). Missing keys,
+Every parameter of the model is set from the file exactly once (MAE: `fc_norm` is not in the file and
+is reset to weight 1 / bias 0 as in the original; the file's final `norm` is unused). Missing keys,
 wrong shapes and unreadable files raise a one-line `VQTError`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -185,7 +186,7 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
     else:
         state = _torch_state(path, fmt)
         _check_depth(f"blocks.{arch.depth}.norm1.weight" in state, path, arch)
-        skip = "norm." if fmt == "mae" else ""
+        skip = "fc_norm." if fmt == "mae" else ""
         params = _timm_params(_reader(state, path, fmt, arch), model, path, skip)
     own = dict(model.named_parameters())
     unset = sorted(n for n in own if n not in params and not (skip and n.startswith(skip)))
@@ -195,8 +196,8 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
         for name, value in params.items():
             own[name].copy_(value)
         if skip:  # MAE's fc_norm is not in the checkpoint: identity-initialised as in the original
-            model.norm.weight.fill_(1.0)
-            model.norm.bias.zero_()
+            model.fc_norm.weight.fill_(1.0)
+            model.fc_norm.bias.zero_()
 
 
 def build_backbone(cfg) -> VisionTransformer:
@@ -268,10 +269,10 @@ def write_random_npz(path: str, arch: ViTArch, img_size: int = 224, seed: int = 
 
 
 def _random_timm_state(arch: ViTArch, img_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random timm-style encoder weights (our parameter names, `norm.*` included)."""
+    """Random timm-style encoder weights (timm's names for CLS pooling: the final `norm.*` included)."""
     rng = np.random.default_rng(seed)
     state = {}
-    for name, p in VisionTransformer(arch, img_size).named_parameters():
+    for name, p in VisionTransformer(dataclasses.replace(arch, pool="token"), img_size).named_parameters():
         shape = tuple(p.shape)
         if name in ("cls_token", "pos_embed") or name.endswith("bias"):
             init: str | int = "small"
