@@ -20,7 +20,9 @@ from scipy import ndimage
 
 from src.configs.vit_configs import ViTArch, zoo_entry
 from src.errors import VQTError
-from src.models.vit import VisionTransformer
+from src.models.timm_backbone import ImageConfig, build_timm_backbone
+from src.models.timm_backbone import image_config as timm_image_config
+from src.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 
 FORMATS = {
     "npz": "Google/JAX ViT .npz",
@@ -200,16 +202,28 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
             model.fc_norm.bias.zero_()
 
 
+def image_config(cfg) -> ImageConfig:
+    """How the configured backbone wants its images: the timm config's size (or DATA.CROPSIZE when > 0),
+    mean, std and resampling filter for MODEL.TIMM_NAME; DATA.CROPSIZE (0: 224), ImageNet mean/std and
+    bilinear resampling for the zoo."""
+    if cfg.MODEL.TIMM_NAME:
+        return timm_image_config(cfg.MODEL.TIMM_NAME, cfg.DATA.CROPSIZE)
+    return ImageConfig(cfg.DATA.CROPSIZE or 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+
 def build_backbone(cfg) -> VisionTransformer:
-    """The frozen (no grad, eval mode) pre-trained backbone named by DATA.FEATURE at DATA.CROPSIZE; its
-    embedding dropout is the original's with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
+    """The frozen (no grad, eval mode) pre-trained backbone: MODEL.TIMM_NAME's, or the zoo's named by
+    DATA.FEATURE, at DATA.CROPSIZE. A zoo backbone's embedding dropout is the original's with
+    MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
+    if cfg.MODEL.TIMM_NAME:
+        return build_timm_backbone(cfg.MODEL.TIMM_NAME, cfg.MODEL.WEIGHT_PATH, cfg.DATA.CROPSIZE)
     feature = cfg.DATA.FEATURE
     entry = zoo_entry(feature)
     if cfg.MODEL.TYPE != entry.model_type:
         raise VQTError(f"DATA.FEATURE {feature} needs MODEL.TYPE {entry.model_type!r}, got {cfg.MODEL.TYPE!r}")
     try:
         embed_dropout = entry.arch.embed_dropout if cfg.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN else 0.0
-        model = VisionTransformer(entry.arch, cfg.DATA.CROPSIZE, embed_dropout)
+        model = VisionTransformer(entry.arch, image_config(cfg).size, embed_dropout)
     except ValueError as e:
         raise VQTError(f"DATA.CROPSIZE {cfg.DATA.CROPSIZE}: {e}") from None
     root, weight_path = cfg.MODEL.MODEL_ROOT, cfg.MODEL.WEIGHT_PATH
