@@ -111,3 +111,20 @@ def build_timm_backbone(name: str, weights: str = "", img_size: int = 0, **overr
                        "is it the weight file of this model, complete and uncorrupted?") from None
     backbone = VisionTransformer.from_timm(model, image.mean, image.std)
     return backbone.requires_grad_(False).eval()
+
+
+def download_timm_weights(name: str) -> str:
+    """Download timm model `name`'s weights into the local cache with timm's own downloader (the one
+    place vqt downloads weights: `scripts/download_weights.py --timm`); returns their path."""
+    check_timm_name(name)
+    try:
+        timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VQTError(f"downloading the weights of {name} failed ({type(e).__name__}: {detail[:300]}): "
+                       "is there internet access?") from None
+    path = cached_weights(name)
+    if path is None:
+        raise VQTError(f"timm loaded the weights of {name} from neither the Hugging Face nor the torch-hub cache: "
+                       "save them to a file and set MODEL.WEIGHT_PATH")
+    return path
