@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 usage() {
     echo "usage: bash run_demo_exp.sh GPUIDX   # the 19 tasks of the paper on GPU GPUIDX"
-    echo "       bash run_demo_exp.sh --demo   # the built-in default: synthetic data, tiny ViT, CPU, minutes"
+    echo "       bash run_demo_exp.sh --demo   # the built-in default: synthetic data + real digits, tiny ViT, CPU, minutes"
 }
 if [ $# -ne 1 ]; then
     usage >&2
@@ -57,6 +57,9 @@ if [ "$1" = "--demo" ]; then
     step vtab-svhn scripts/VQT/run_vqt_vtab.sh 0 vtab-svhn 10 20 adam demo_vit_tiny
     $PYTHON collect_demo_exp_results.py --root "$EXP_ROOT" --feature demo_vit_tiny --tasks "${DEMO_TASKS[@]}" ||
         FAILED+=("collect_demo_exp_results.py (exit $?)")
+    # real images: scikit-learn's digits as an image folder (DATA.SOURCE folder), VQT next to a linear probe
+    $PYTHON scripts/demo_digits.py --dest demo_assets --exp-root "$EXP_ROOT" 2>"$EXP_ROOT/logs/digits.stderr" ||
+        FAILED+=("scripts/demo_digits.py (exit $?): $(grep '^error:' "$EXP_ROOT/logs/digits.stderr" | tail -n 1)")
     summary
     exit $?
 fi

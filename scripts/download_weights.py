@@ -7,6 +7,10 @@ a checkpoint and matches the checksum upstream publishes (the md5 prefixes of VP
 one is known. Every file's sha256 is recorded in DEST/SHA256SUMS (`sha256sum -c` format); a later run
 verifies present files against it. --mirror BASE fetches BASE/NAME instead (an institutional mirror,
 a local http server, or file:///path).
+
+--timm NAME [NAME ...] instead fills the local timm / Hugging Face cache with the weights of those
+timm models (what MODEL.TIMM_NAME reads when MODEL.WEIGHT_PATH is empty), e.g.
+`--timm vit_base_patch14_reg4_dinov2.lvd142m vit_base_patch16_clip_224.openai`.
 """
 from __future__ import annotations
 
@@ -229,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dest", default="pre-trained_weights", help="folder (MODEL.MODEL_ROOT)")
     p.add_argument("--mirror", help="base URL serving the files under their MODEL_ZOO names (default: upstream)")
     p.add_argument("--force", action="store_true", help="download again even if the file is present")
+    p.add_argument("--timm", nargs="+", default=[], metavar="NAME",
+                   help="timm model names whose weights go to the timm / Hugging Face cache (instead of --features)")
     p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="S",
                    help=f"give up when less than {STALL_BYTES >> 10} KiB arrive in S seconds (default %(default)g)")
     return p.parse_args(argv)
@@ -238,8 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     """Fetch every feature asked for; one line per feature; exit status 1 if any failed, 2 on bad input."""
     quiet_tensorflow()
     args = parse_args(argv)
+    if args.timm:
+        from src.models.timm_backbone import download_timm_weights
     failed = 0
-    for feature in args.features:
+    for name in args.timm:
+        try:
+            print(f"[ok] {name}: {download_timm_weights(name)}", flush=True)
+        except VQTError as err:
+            failed += 1
+            print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+    for feature in [] if args.timm else args.features:
         try:
             done = fetch(feature, args.dest, args.mirror, args.force, stall_timeout=args.stall_timeout)
             print(f"[ok] {done}", flush=True)

@@ -22,7 +22,7 @@ from src.models.checkpoints import (
     write_random_moco,
     write_random_npz,
 )
-from src.models.vit import VisionTransformer
+from src.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 from src.models.vqt import Members, QuerySpec
 
 IMG = 32
@@ -62,20 +62,26 @@ def _pair(tmp_path, arch: ViTArch, fmt: str) -> tuple[VisionTransformer, TimmViT
 
 
 def _images(n: int = 2, size: int = IMG) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    """What timm's models take: images normalised with the ImageNet mean/std."""
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 @pytest.mark.parametrize("fmt", ["npz", "mae", "moco"])
 def test_parity_with_timm(tmp_path, tiny_arch, fmt):
     ours, peer = _pair(tmp_path, tiny_arch, fmt)
     peer_params = dict(peer.named_parameters())
-    for name, p in ours.named_parameters():  # MAE: our `norm` is timm's fc_norm (weight 1, bias 0)
-        torch.testing.assert_close(p, peer_params["fc_" + name if fmt == "mae" and name.startswith("norm.") else name],
-                                   rtol=0, atol=0)
+    assert set(dict(ours.named_parameters())) == set(peer_params)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, peer_params[name], rtol=0, atol=0)
     x = _images()
     with torch.no_grad():
         feat, kvs = ours.frozen_pass(x)
         assert feat.shape == (2, tiny_arch.embed_dim)
+        x = _normalized(x)
         torch.testing.assert_close(feat, peer.forward_head(peer.forward_features(x), pre_logits=True),
                                    rtol=0, atol=1e-5)
         h = peer.norm_pre(peer._pos_embed(peer.patch_embed(x)))
@@ -98,7 +104,7 @@ def test_query_pass_matches_masked_attention_peer(tmp_path, tiny_arch, fmt):
     with torch.no_grad():
         feat, kvs = ours.frozen_pass(x)
         outs = ours.query_pass(tokens, kvs)
-        h = peer.norm_pre(peer._pos_embed(peer.patch_embed(x)))
+        h = peer.norm_pre(peer._pos_embed(peer.patch_embed(_normalized(x))))
         mask = torch.zeros(q + h.shape[1], q + h.shape[1])
         mask[:, :q] = float("-inf")
         for layer, (blk, out) in enumerate(zip(peer.blocks, outs)):
@@ -156,7 +162,7 @@ def test_round_trip(tmp_path, tiny_arch, fmt):
     ckpt = torch.load(path, weights_only=True)
     state = ckpt["model"] if fmt == "mae" else {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     for name, p in model.named_parameters():
-        if fmt == "mae" and name.startswith("norm."):
+        if fmt == "mae" and name.startswith("fc_norm."):
             assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
         else:
             assert torch.equal(p, state[name]), name

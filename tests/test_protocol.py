@@ -156,7 +156,7 @@ def test_bad_input_is_one_clear_line(assets, tmp_path, capsys, extra, message):
     ("SOLVER.LOG_EVERY_N", "0", "SOLVER.LOG_EVERY_N must be >= 1"),
     ("SOLVER.BASE_LR", "0.0", "SOLVER.BASE_LR must be > 0"),
     ("SOLVER.WEIGHT_DECAY", "-0.001", "SOLVER.WEIGHT_DECAY must be >= 0"),
-    ("DATA.CROPSIZE", "0", "DATA.CROPSIZE must be >= 1"),
+    ("DATA.CROPSIZE", "-1", "DATA.CROPSIZE must be >= 0"),
     ("DATA.NUMBER_CLASSES", "1", "DATA.NUMBER_CLASSES must be -1 (unset) or >= 2"),
     ("SEED", "1.5", "SEED must be a whole number (got 1.5)"),
     ("SEED", "abc", "SEED must be a whole number (got abc)"),
@@ -228,7 +228,7 @@ def test_every_config_key_is_read_or_rejects(assets, tmp_path, monkeypatch, caps
     monkeypatch.undo()
     leaves = set(_leaves(get_cfg()))
     assert leaves - used == set(REJECTING)
-    capsys.readouterr()
+    capsys.readouterr()  # the training runs' progress bars
     for key, value in REJECTING.items():
         assert train.main(_args(assets, str(tmp_path / "bad"), over=[key, value])) == 2
         err = capsys.readouterr().err

@@ -24,7 +24,7 @@ RULES: dict[str, tuple[bool, bool, Callable[[float], bool], str]] = {
     "SOLVER.PATIENCE": (True, False, lambda v: v >= 0, ">= 0"),
     "SOLVER.LOG_EVERY_N": (True, False, lambda v: v >= 1, ">= 1"),
     "DATA.NUMBER_CLASSES": (True, False, lambda v: v == -1 or v >= 2, "-1 (unset) or >= 2"),
-    "DATA.CROPSIZE": (True, False, lambda v: v >= 1, ">= 1"),
+    "DATA.CROPSIZE": (True, False, lambda v: v >= 0, ">= 0 (0: the backbone's own input size)"),
     "DATA.BATCH_SIZE": (True, False, lambda v: v >= 1, ">= 1"),
     "DATA.NUM_WORKERS": (True, False, lambda v: v >= 0, ">= 0"),
     "ENGINE.FUSED_KV_GIB": (False, False, lambda v: v >= 0, ">= 0"),

@@ -19,7 +19,11 @@ _C.MODEL = CfgNode()
 _C.MODEL.TRANSFER_TYPE = "h2t-prompt"  # only VQT ("h2t-prompt") is implemented
 _C.MODEL.TYPE = "h2t-vit"           # "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3): must match DATA.FEATURE
 _C.MODEL.MODEL_ROOT = ""            # folder holding the pre-trained checkpoints (see MODEL_ZOO)
-_C.MODEL.WEIGHT_PATH = ""           # explicit checkpoint file; overrides MODEL_ROOT/MODEL_ZOO[FEATURE]
+_C.MODEL.WEIGHT_PATH = ""           # explicit checkpoint file; overrides MODEL_ROOT/MODEL_ZOO[FEATURE] (with TIMM_NAME:
+                                    # a local .safetensors / .pth / .npz of that model, else the local timm/HF cache)
+_C.MODEL.TIMM_NAME = ""             # a timm ViT instead of the zoo, e.g. vit_base_patch14_reg4_dinov2.lvd142m,
+                                    # vit_base_patch16_clip_224.openai, vit_base_patch16_siglip_224 (never downloaded:
+                                    # scripts/download_weights.py --timm NAME); images get its mean/std
 _C.MODEL.SAVE_CKPT = True           # final and sparsity runs write last_model.pth (trained tensors only) and
                                     # their val/test logits; compression needs them. Search runs never do.
 _C.MODEL.MLP_NUM = 0                # hidden layers in the head; only 0 (a linear head) is supported
@@ -54,12 +58,14 @@ _C.SOLVER.LOG_EVERY_N = 1000        # log the training loss every N steps
 _C.SOLVER.DBG_TRAINABLE = False     # log the trainable tensors and their sizes
 
 _C.DATA = CfgNode()
-_C.DATA.NAME = ""                   # VTAB task, e.g. 'vtab-clevr(task="count_all")'
+_C.DATA.NAME = ""                   # VTAB task, e.g. 'vtab-clevr(task="count_all")'; with SOURCE folder any name
 _C.DATA.DATAPATH = ""               # TFDS data_dir (SOURCE tfds) or the VTAB-1k image-folder root
-_C.DATA.SOURCE = "tfds"             # "tfds" or "imagefolder" (NOAH-style vtab-1k folders)
-_C.DATA.FEATURE = "sup_vitb16_224"  # backbone key of MODEL_ZOO, e.g. sup_vitb16_imagenet21k
-_C.DATA.NUMBER_CLASSES = -1
-_C.DATA.CROPSIZE = 224
+_C.DATA.SOURCE = "tfds"             # "tfds", "imagefolder" (NOAH-style vtab-1k folders) or "folder" (your own
+                                    # images: DATAPATH/{train,val,test}/<class>/*, see src/data/folder.py)
+_C.DATA.FEATURE = "sup_vitb16_224"  # backbone key of MODEL_ZOO, e.g. sup_vitb16_imagenet21k; with MODEL.TIMM_NAME a
+                                    # label for the output folders (a zoo key, e.g. this default, becomes TIMM_NAME)
+_C.DATA.NUMBER_CLASSES = -1         # VTAB: the task's count; SOURCE folder: -1 = from the class folders
+_C.DATA.CROPSIZE = 224              # image side; 0: the backbone's own (timm config; 224 for the zoo)
 _C.DATA.BATCH_SIZE = 32
 _C.DATA.NUM_WORKERS = 4             # threads decoding examples
 _C.DATA.PIN_MEMORY = True           # pinned host buffers for cached keys/values copied to a GPU

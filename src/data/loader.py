@@ -2,7 +2,8 @@
 
 Sources (DATA.SOURCE): "tfds" reads data prepared by `scripts/prepare_vtab.py` in the TFDS
 data_dir DATA.DATAPATH (never downloads); "imagefolder" reads NOAH-style VTAB-1k folders
-(`<DATAPATH>/<task folder>/{train800,val200,train800val200,test}.txt`) without TensorFlow.
+(`<DATAPATH>/<task folder>/{train800,val200,train800val200,test}.txt`) without TensorFlow; "folder"
+reads your own class folders (src/data/folder.py).
 TFDS splits are read in index order (one file at a time), so train800val200 is train800
 followed by val200.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from src.data.folder import check_folder_data, folder_source
 from src.data.tasks import SPLITS, VTABTask, get_task
 from src.errors import VQTError
 from src.utils.logging import get_logger
@@ -131,8 +133,14 @@ def _num_examples(builder, expr: str) -> int:
 
 
 def data_identity(cfg) -> str:
-    """What identifies the task's data: the TFDS dataset (name, version, its dataset_info.json) or the
-    image-folder lists."""
+    """What identifies the task's data: the TFDS dataset (name, version, its dataset_info.json), the
+    image-folder lists, or your folder's files (relative paths, labels, sizes)."""
+    if cfg.DATA.SOURCE == "folder":
+        from src.data.folder import scan
+        root, h = cfg.DATA.DATAPATH, hashlib.sha256()
+        for split, files in sorted(scan(root).files.items()):
+            h.update(repr([(split, os.path.relpath(p, root), y, os.path.getsize(p)) for p, y in files]).encode())
+        return "folder " + h.hexdigest()[:16]
     task = get_task(cfg.DATA.NAME)
     if cfg.DATA.SOURCE == "tfds":
         spec = resolve_spec(task, cfg.DATA.DATAPATH)
@@ -227,7 +235,9 @@ def check_task_data(cfg) -> dict[str, int]:
     """Read every record of the splits a task uses (train800, val200, test; train800val200 is their
     union) without decoding images, so corrupt or missing data stops a run before any training.
     Returns the number of examples of each; VQTError naming the dataset and the fix otherwise.
-    Image folders: every listed file must exist."""
+    Image folders: every listed file must exist. Your own folders (SOURCE folder): see src/data/folder.py."""
+    if cfg.DATA.SOURCE == "folder":
+        return check_folder_data(cfg)
     task = get_task(cfg.DATA.NAME)
     check_classes(cfg, task)
     counts = {}
@@ -242,7 +252,7 @@ def check_task_data(cfg) -> dict[str, int]:
                                "image or re-create the VTAB-1k folder")
             counts[split] = len(entries)
         else:
-            raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds' or 'imagefolder'")
+            raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds', 'imagefolder' or 'folder'")
     return counts
 
 
@@ -291,6 +301,8 @@ def _read_images(entries: list[tuple[str, int]], workers: int, chunk: int = 256)
 
 
 def _source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
+    if cfg.DATA.SOURCE == "folder":
+        return folder_source(cfg, split)
     task = get_task(cfg.DATA.NAME)
     check_classes(cfg, task)
     if split not in SPLITS:
@@ -300,7 +312,7 @@ def _source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
     elif cfg.DATA.SOURCE == "imagefolder":
         n, examples = _folder_source(cfg, task, split)
     else:
-        raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds' or 'imagefolder'")
+        raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds', 'imagefolder' or 'folder'")
     return n, _checked(examples, task, cfg.DATA.DATAPATH)
 
 

@@ -1,13 +1,11 @@
-"""VTAB image preprocessing in torch: TF's legacy bilinear resize, /255, ImageNet normalisation (spec §5.3)."""
+"""VTAB image preprocessing in torch: TF's legacy bilinear resize and /255 (spec §5.3). The backbone
+normalises (ImageNet mean/std for the model zoo, the timm config's for timm models)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from src.errors import VQTError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _legacy_coords(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,7 +36,7 @@ def legacy_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def preprocess(images: list[np.ndarray] | np.ndarray, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 HxWx3 images (any sizes) -> normalised float32 (B, 3, size, size) on `device`.
+    """uint8 HxWx3 images (any sizes) -> float32 (B, 3, size, size) in [0, 1] on `device`.
 
     Same-shape images are resized together; only each group is converted to float.
     """
@@ -51,10 +49,8 @@ def preprocess(images: list[np.ndarray] | np.ndarray, size: int, device: torch.d
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise VQTError(f"preprocess expects uint8 HxWx3 images; image {i} is {img.dtype} {img.shape}")
         groups.setdefault(img.shape, []).append(i)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     for idx in groups.values():
         batch = torch.from_numpy(np.stack([images[i] for i in idx])).to(device).float()
         resized = legacy_resize(batch, size) / 255.0
-        out[torch.tensor(idx, device=device)] = (resized.permute(0, 3, 1, 2) - mean) / std
+        out[torch.tensor(idx, device=device)] = resized.permute(0, 3, 1, 2)
     return out

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
-from src.configs.vit_configs import zoo_entry
+from src.configs.defaults import get_cfg
+from src.configs.vit_configs import MODEL_ZOO, zoo_entry
+from src.data.folder import check_folder_classes, scan, write_classes
 from src.data.loader import ImageSet, check_classes, check_task_data, data_identity, load_split, stream_split
 from src.data.tasks import get_task
 from src.engine.fit import fit
@@ -24,7 +26,7 @@ from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.errors import VQTError
-from src.models.checkpoints import build_backbone, weight_path
+from src.models.checkpoints import build_backbone, image_config, weight_path
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
 from src.utils.device import describe_device, resolve_device
 from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
@@ -110,8 +112,7 @@ class Task:
     engine, their frozen path; `train` picks the engine."""
 
     def __init__(self, cfg: CfgNode, overwrite: bool = False):
-        check_classes(cfg, get_task(cfg.DATA.NAME))
-        zoo_entry(cfg.DATA.FEATURE)
+        check_names(cfg)
         self.cfg = cfg
         self.layout = Layout.from_cfg(cfg)
         self.spec = QuerySpec.from_cfg(cfg)
@@ -306,6 +307,35 @@ def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
         _report_test(runs, cfg.DATA.NAME, stage)
 
 
+def check_names(cfg: CfgNode) -> None:
+    """The VTAB task (and its class count) and the zoo backbone exist, where they are named."""
+    if cfg.DATA.SOURCE != "folder":
+        check_classes(cfg, get_task(cfg.DATA.NAME))
+    if not cfg.MODEL.TIMM_NAME:
+        zoo_entry(cfg.DATA.FEATURE)
+
+
+def resolve_cfg(cfg: CfgNode) -> CfgNode:
+    """A copy of `cfg` with what a run derives filled in (the runs' config.yaml record it): DATA.CROPSIZE 0
+    -> the backbone's size; with MODEL.TIMM_NAME, a zoo key in DATA.FEATURE (the default) -> the timm name;
+    SOURCE folder: an empty DATA.NAME -> the DATAPATH folder's name, DATA.NUMBER_CLASSES -1 -> the classes."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    if cfg.MODEL.TIMM_NAME and cfg.DATA.FEATURE in MODEL_ZOO:
+        if cfg.DATA.FEATURE != get_cfg().DATA.FEATURE:
+            raise VQTError(f"MODEL.TIMM_NAME {cfg.MODEL.TIMM_NAME} and the zoo backbone DATA.FEATURE {cfg.DATA.FEATURE} "
+                           "are both given: drop one (with TIMM_NAME, DATA.FEATURE only labels the output folders)")
+        cfg.DATA.FEATURE = cfg.MODEL.TIMM_NAME
+    cfg.DATA.CROPSIZE = image_config(cfg).size
+    if cfg.DATA.SOURCE == "folder":
+        cfg.DATA.NAME = cfg.DATA.NAME or os.path.basename(os.path.normpath(cfg.DATA.DATAPATH))
+        classes = scan(cfg.DATA.DATAPATH).classes
+        check_folder_classes(cfg, classes)
+        cfg.DATA.NUMBER_CLASSES = len(classes)
+    cfg.freeze()
+    return cfg
+
+
 def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | None = None,
                  arch_feats: str = "", overwrite: bool = False) -> None:
     """Search (unless `dont_search` or an lr/wd is given) then the 5 final runs; or one compression
@@ -315,8 +345,11 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
         raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
     setup_logging()
     counts = check_task_data(cfg)
+    cfg = resolve_cfg(cfg)
     get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
     task = Task(cfg, overwrite)
+    if cfg.DATA.SOURCE == "folder":  # class names for predict.py / scripts/export.py
+        write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"), scan(cfg.DATA.DATAPATH).classes)
     with contextlib.closing(task):
         if sparse_mode is not None:
             _sparse(task, cfg, sparse_mode)

@@ -1,12 +1,13 @@
 """Pre-trained ViT checkpoints: load Google/JAX `.npz`, MAE `.pth` and MoCo-v3 `.pth.tar` files into
 `VisionTransformer`, and write random checkpoints in the same layouts (tests and the demo).
 
-Every parameter of the model is set from the file exactly once (MAE: `norm`, which plays MAE's
-fc_norm, is not in the file and is reset to weight 1 / bias 0 as in the original). Missing keys,
+Every parameter of the model is set from the file exactly once (MAE: `fc_norm` is not in the file and
+is reset to weight 1 / bias 0 as in the original; the file's final `norm` is unused). Missing keys,
 wrong shapes and unreadable files raise a one-line `VQTError`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
@@ -19,7 +20,9 @@ from scipy import ndimage
 
 from src.configs.vit_configs import ViTArch, zoo_entry
 from src.errors import VQTError
-from src.models.vit import VisionTransformer
+from src.models.timm_backbone import ImageConfig, build_timm_backbone, cached_weights
+from src.models.timm_backbone import image_config as timm_image_config
+from src.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 
 FORMATS = {
     "npz": "Google/JAX ViT .npz",
@@ -185,7 +188,7 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
     else:
         state = _torch_state(path, fmt)
         _check_depth(f"blocks.{arch.depth}.norm1.weight" in state, path, arch)
-        skip = "norm." if fmt == "mae" else ""
+        skip = "fc_norm." if fmt == "mae" else ""
         params = _timm_params(_reader(state, path, fmt, arch), model, path, skip)
     own = dict(model.named_parameters())
     unset = sorted(n for n in own if n not in params and not (skip and n.startswith(skip)))
@@ -195,26 +198,43 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
         for name, value in params.items():
             own[name].copy_(value)
         if skip:  # MAE's fc_norm is not in the checkpoint: identity-initialised as in the original
-            model.norm.weight.fill_(1.0)
-            model.norm.bias.zero_()
+            model.fc_norm.weight.fill_(1.0)
+            model.fc_norm.bias.zero_()
+
+
+def image_config(cfg) -> ImageConfig:
+    """How the configured backbone wants its images: the timm config's size (or DATA.CROPSIZE when > 0),
+    mean, std and resampling filter for MODEL.TIMM_NAME; DATA.CROPSIZE (0: 224), ImageNet mean/std and
+    bilinear resampling for the zoo."""
+    if cfg.MODEL.TIMM_NAME:
+        return timm_image_config(cfg.MODEL.TIMM_NAME, cfg.DATA.CROPSIZE)
+    return ImageConfig(cfg.DATA.CROPSIZE or 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 def weight_path(cfg) -> str:
-    """The checkpoint file: MODEL.WEIGHT_PATH, else MODEL.MODEL_ROOT / the zoo file of DATA.FEATURE."""
+    """The checkpoint file: MODEL.WEIGHT_PATH, else MODEL.TIMM_NAME's in the local cache, else
+    MODEL.MODEL_ROOT / the zoo file of DATA.FEATURE ("" when none is there)."""
     root, explicit = cfg.MODEL.MODEL_ROOT, cfg.MODEL.WEIGHT_PATH
-    return explicit or os.path.join(root, zoo_entry(cfg.DATA.FEATURE).file)
+    if explicit:
+        return explicit
+    if cfg.MODEL.TIMM_NAME:
+        return cached_weights(cfg.MODEL.TIMM_NAME) or ""
+    return os.path.join(root, zoo_entry(cfg.DATA.FEATURE).file)
 
 
 def build_backbone(cfg) -> VisionTransformer:
-    """The frozen (no grad, eval mode) pre-trained backbone named by DATA.FEATURE at DATA.CROPSIZE; its
-    embedding dropout is the original's with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
+    """The frozen (no grad, eval mode) pre-trained backbone: MODEL.TIMM_NAME's, or the zoo's named by
+    DATA.FEATURE, at DATA.CROPSIZE. A zoo backbone's embedding dropout is the original's with
+    MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
+    if cfg.MODEL.TIMM_NAME:
+        return build_timm_backbone(cfg.MODEL.TIMM_NAME, cfg.MODEL.WEIGHT_PATH, cfg.DATA.CROPSIZE)
     feature = cfg.DATA.FEATURE
     entry = zoo_entry(feature)
     if cfg.MODEL.TYPE != entry.model_type:
         raise VQTError(f"DATA.FEATURE {feature} needs MODEL.TYPE {entry.model_type!r}, got {cfg.MODEL.TYPE!r}")
     try:
         embed_dropout = entry.arch.embed_dropout if cfg.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN else 0.0
-        model = VisionTransformer(entry.arch, cfg.DATA.CROPSIZE, embed_dropout)
+        model = VisionTransformer(entry.arch, image_config(cfg).size, embed_dropout)
     except ValueError as e:
         raise VQTError(f"DATA.CROPSIZE {cfg.DATA.CROPSIZE}: {e}") from None
     path = weight_path(cfg)
@@ -273,10 +293,10 @@ def write_random_npz(path: str, arch: ViTArch, img_size: int = 224, seed: int = 
 
 
 def _random_timm_state(arch: ViTArch, img_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random timm-style encoder weights (our parameter names, `norm.*` included)."""
+    """Random timm-style encoder weights (timm's names for CLS pooling: the final `norm.*` included)."""
     rng = np.random.default_rng(seed)
     state = {}
-    for name, p in VisionTransformer(arch, img_size).named_parameters():
+    for name, p in VisionTransformer(dataclasses.replace(arch, pool="token"), img_size).named_parameters():
         shape = tuple(p.shape)
         if name in ("cls_token", "pos_embed") or name.endswith("bias"):
             init: str | int = "small"

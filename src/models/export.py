@@ -1,0 +1,133 @@
+"""Trained VQT models you can use: load a final run (or an export file) into the single-run `VQT` module,
+write self-contained export files, and predict class names and probabilities for image files.
+
+An export file (`torch.save`d dict, format `FORMAT`) holds what a run trained (query tokens, combine
+weights, head, selected feature ids) with its `QuerySpec`, the backbone's identity (timm name or zoo
+key) and a reference to its weight file (absolute path; 344 MB are not copied), the preprocessing
+(size, mean, std, resampling) and the class names. `load_model` turns either into a `Loaded` model:
+`loaded.model(images)` gives logits for images (B, 3, S, S) in [0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from yacs.config import CfgNode
+
+from src.configs.defaults import load_cfg
+from src.configs.vit_configs import zoo_entry
+from src.data.folder import read_classes, read_images
+from src.data.preprocess import preprocess
+from src.errors import VQTError
+from src.models.checkpoints import build_backbone, image_config
+from src.models.timm_backbone import ImageConfig, cached_weights
+from src.models.vqt import VQT, QuerySpec
+
+FORMAT = "vqt-export/1"
+
+
+@dataclass
+class Loaded:
+    """A trained VQT (eval mode) with what it takes to use it: its class names and image preprocessing."""
+
+    model: VQT
+    classes: list[str]
+    image: ImageConfig
+
+    @torch.no_grad()
+    def predict(self, paths: list[str], batch_size: int = 64, workers: int = 4) -> torch.Tensor:
+        """Class probabilities (N, C) of image files, read and resized as the training images were."""
+        device = next(self.model.parameters()).device
+        probs = []
+        images = read_images(paths, self.image.size, self.image.interpolation, workers)
+        for batch in _chunks(images, batch_size):
+            probs.append(self.model(preprocess(batch, self.image.size, device)).softmax(dim=-1).cpu())
+        return torch.cat(probs) if probs else torch.empty(0, len(self.classes))
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _find(path: str, run_dir: str, key: str) -> str:
+    """A relative path from a run's config, found from the working directory or one of the run folder's
+    parents (where training ran), as an absolute path."""
+    if os.path.isabs(path):
+        return path
+    for base in [os.getcwd(), *_parents(run_dir)]:
+        if os.path.exists(os.path.join(base, path)):
+            return os.path.abspath(os.path.join(base, path))
+    raise VQTError(f"{key} {path!r} of the run {run_dir} is relative and found neither from here nor from the run "
+                   "folder's parents: run from where training ran, or pass --weights PATH")
+
+
+def _parents(path: str) -> list[str]:
+    path, out = os.path.abspath(path), []
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
+def _weights(cfg: CfgNode, run_dir: str) -> str:
+    """The absolute path of the backbone weights a run used ("" = timm's local cache)."""
+    if cfg.MODEL.WEIGHT_PATH:
+        return _find(cfg.MODEL.WEIGHT_PATH, run_dir, "MODEL.WEIGHT_PATH")
+    if cfg.MODEL.TIMM_NAME:
+        return cached_weights(cfg.MODEL.TIMM_NAME) or ""
+    return _find(os.path.join(cfg.MODEL.MODEL_ROOT, zoo_entry(cfg.DATA.FEATURE).file), run_dir, "MODEL.MODEL_ROOT")
+
+
+def run_export(run_dir: str, weights: str = "") -> dict:
+    """The export dict of a finished final (or compression) run folder; `weights` overrides the backbone
+    weight file recorded in its config."""
+    ckpt_file, cfg_file = os.path.join(run_dir, "last_model.pth"), os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(ckpt_file) or not os.path.isfile(cfg_file):
+        raise VQTError(f"{run_dir} has no last_model.pth and config.yaml: pass a final run folder (.../run1) "
+                       "trained with MODEL.SAVE_CKPT True, or an export file (scripts/export.py)")
+    cfg = load_cfg(cfg_file)
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    classes = read_classes(run_dir) or [str(c) for c in range(cfg.DATA.NUMBER_CLASSES)]
+    backbone = {"timm_name": cfg.MODEL.TIMM_NAME, "feature": cfg.DATA.FEATURE, "model_type": cfg.MODEL.TYPE,
+                "weights": os.path.abspath(weights) if weights else _weights(cfg, run_dir)}
+    return {"format": FORMAT, "backbone": backbone, "spec": dataclasses.asdict(QuerySpec.from_cfg(cfg)),
+            "trained": ckpt["model"], "feat_ids": ckpt.get("feat_ids"),
+            "image": dataclasses.asdict(image_config(cfg)), "classes": classes, "run": os.path.abspath(run_dir)}
+
+
+def load_export(export: dict, device: torch.device | str = "cpu") -> Loaded:
+    """The `Loaded` model of an export dict (backbone weights read from the file it references)."""
+    b, image = export["backbone"], ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in export["image"].items()})
+    cfg = load_cfg(opts=["MODEL.TIMM_NAME", b["timm_name"], "MODEL.WEIGHT_PATH", b["weights"],
+                         "MODEL.TYPE", b["model_type"], "DATA.FEATURE", b["feature"], "DATA.CROPSIZE", str(image.size)])
+    model = VQT(build_backbone(cfg), QuerySpec(**export["spec"]), export["feat_ids"])
+    model.load_trained_state(export["trained"])
+    return Loaded(model.to(device).eval(), list(export["classes"]), image)
+
+
+def load_model(path: str, device: torch.device | str = "cpu", weights: str = "") -> Loaded:
+    """A trained VQT from a final run folder or an export file (`scripts/export.py`)."""
+    if os.path.isdir(path):
+        return load_export(run_export(path, weights), device)
+    if not os.path.isfile(path):
+        raise VQTError(f"{path} does not exist: pass a final run folder (.../run1) or an export file")
+    try:
+        export = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
+        raise VQTError(f"cannot read {path} as a VQT export ({type(e).__name__}): write one with scripts/export.py") from None
+    if not isinstance(export, dict) or export.get("format") != FORMAT:
+        raise VQTError(f"{path} is not a VQT export ({FORMAT}): write one with scripts/export.py")
+    if weights:
+        export["backbone"]["weights"] = os.path.abspath(weights)
+    return load_export(export, device)

@@ -1,0 +1,192 @@
+"""Your own image folders (DATA.SOURCE folder) through the whole protocol, then predict.py and
+scripts/export.py on the trained runs: predictions equal the logits the final runs saved."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+import train
+from scripts import export as export_script
+from src.configs.defaults import get_cfg
+from src.configs.vit_configs import VIT_DEMO
+from src.data.folder import VAL_FRACTION, read_classes, read_images, scan
+from src.data.loader import check_task_data, load_split
+from src.data.preprocess import preprocess
+from src.errors import VQTError
+from src.models.checkpoints import write_random_npz
+from src.models.export import FORMAT, load_model
+from src.utils.layout import Layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["cat", "dog", "zebra"]
+
+
+def write_folder_dataset(root, per_class: dict[str, int], seed: int = 0) -> None:
+    """root/<part>/<class>/*: class-coloured images of mixed sizes, formats and modes (PNG RGB, JPEG, PNG L)."""
+    rng = np.random.default_rng(seed)
+    for part, n in per_class.items():
+        for c, name in enumerate(CLASSES):
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(20, 60, 2)
+                img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+                img[..., c] += 150
+                kind = i % 3
+                if kind == 2:
+                    Image.fromarray(img[..., c]).save(folder / f"{i}.png")
+                else:
+                    Image.fromarray(img).save(folder / f"{i}.{'png' if kind == 0 else 'jpg'}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder dataset (no val/: a stratified slice), a random tiny zoo ViT and one protocol run."""
+    root = tmp_path_factory.mktemp("folder")
+    write_folder_dataset(root / "pets", {"train": 10, "test": 4})
+    (root / "pets" / "train" / "cat" / "notes.txt").write_text("not an image")
+    write_random_npz(str(root / "demo.npz"), VIT_DEMO, img_size=32)
+    out = str(root / "out")
+    args = ["--config-file", os.path.join(ROOT, "configs/h2t-prompt/vtab.yaml"), "--optimizer", "adam",
+            "--lr", "0.1", "--wd", "0.0001", "DATA.SOURCE", "folder", "DATA.DATAPATH", str(root / "pets"),
+            "DATA.FEATURE", "demo_vit_tiny", "MODEL.WEIGHT_PATH", str(root / "demo.npz"), "DATA.CROPSIZE", "32",
+            "OUTPUT_DIR", out, "MODEL.H2T.NUM_QUERY_TOKENS", "2", "SOLVER.TOTAL_EPOCH", "3",
+            "SOLVER.WARMUP_EPOCH", "1", "DATA.BATCH_SIZE", "8"]
+    assert train.main(args) == 0
+    final = Layout(out, "pets", "demo_vit_tiny", 8).task_dir("final")
+    runs = sorted(os.path.join(d) for d, _, files in os.walk(final) if "DONE" in files)
+    assert len(runs) == 5
+    return root, runs
+
+
+def _cfg(path, **over):
+    cfg = get_cfg()
+    cfg.DATA.SOURCE, cfg.DATA.DATAPATH, cfg.DATA.CROPSIZE = "folder", str(path), 32
+    for k, v in over.items():
+        setattr(cfg.DATA, k, v)
+    return cfg
+
+
+def test_scan_classes_stratified_val_and_skipped_files(trained):
+    root, _ = trained
+    data = scan(str(root / "pets"))
+    assert data.classes == CLASSES and data.val_from_train
+    labels = [y for _, y in data.files["val"]]
+    assert labels.count(0) == round(VAL_FRACTION * 10) == 2 and len(labels) == 6
+    assert not set(data.files["val"]) & set(data.files["train"]) and len(data.files["test"]) == 12
+    assert [os.path.basename(p) for p in data.skipped] == ["notes.txt"]
+    counts = check_task_data(_cfg(root / "pets"))
+    assert counts == {"train800": 24, "val200": 6, "test": 12}
+    train_set = load_split(_cfg(root / "pets"), "train800")
+    assert all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in train_set.images)
+
+
+def test_run_saves_classes_and_infers_class_count(trained):
+    _, runs = trained
+    assert read_classes(runs[0]) == CLASSES
+    with open(os.path.join(runs[0], "config.yaml")) as f:
+        assert "NUMBER_CLASSES: 3" in f.read()
+
+
+def test_predictions_equal_saved_test_logits(trained):
+    root, runs = trained
+    paths = [p for p, _ in scan(str(root / "pets")).files["test"]]
+    for run in runs[:2]:
+        loaded = load_model(run)
+        saved = torch.load(os.path.join(run, "test_pets_logits.pth"), weights_only=True)["joint_logits"]
+        x = preprocess(list(read_images(paths, 32, loaded.image.interpolation, 1)), 32)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(x), saved, rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded.predict(paths, batch_size=5), saved.softmax(dim=1), rtol=0, atol=1e-5)
+
+
+def test_export_load_predict_round_trip(trained, tmp_path, capsys):
+    root, runs = trained
+    out = tmp_path / "model.pt"
+    assert export_script.main([runs[0], "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: 3 classes, backbone demo_vit_tiny")
+    export = torch.load(out, weights_only=True)
+    assert export["format"] == FORMAT and export["classes"] == CLASSES
+    assert export["backbone"]["feature"] == "demo_vit_tiny" and os.path.isabs(export["backbone"]["weights"])
+    assert export["image"]["size"] == 32
+    test_dir = str(root / "pets" / "test")
+    paths = [p for p, _ in scan(str(root / "pets")).files["test"]]
+    torch.testing.assert_close(load_model(str(out)).predict(paths), load_model(runs[0]).predict(paths), rtol=0, atol=0)
+    csv_file = tmp_path / "preds.csv"
+    assert predict.main([str(out), test_dir, "--topk", "2", "--out", str(csv_file), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(paths[0]) and len(printed) == len(paths) + 1
+    with open(csv_file) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "class1", "prob1", "class2", "prob2"] and len(rows) == 1 + len(paths)
+    assert {r[1] for r in rows[1:]} <= set(CLASSES)
+    probs = load_model(str(out)).predict(paths)
+    assert rows[1][1] == CLASSES[probs[0].argmax()] and abs(float(rows[1][2]) - probs[0].max().item()) < 1e-4
+
+
+def test_relative_weights_found_from_the_run_parents(trained, tmp_path, monkeypatch):
+    root, runs = trained
+    cfg_file = os.path.join(runs[0], "config.yaml")
+    text = Path(cfg_file).read_text()
+    rel = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(os.path.dirname(runs[0])), rel / "final")
+    shutil.copy(root / "demo.npz", rel / "demo.npz")
+    run = str(rel / "final" / os.path.basename(os.path.dirname(runs[0])) / "run1")
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(text.replace(str(root / "demo.npz"), "demo.npz"))
+    monkeypatch.chdir(tmp_path)
+    assert load_model(run).classes == CLASSES
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(text.replace(str(root / "demo.npz"), "nowhere.npz"))
+    with pytest.raises(VQTError, match="MODEL.WEIGHT_PATH 'nowhere.npz' .* --weights"):
+        load_model(run)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("empty_class", "class folder .*/train/dog has no images Pillow can read"),
+    ("extra_test_class", "differ from those of .*only in test: \\['yak'\\]"),
+    ("no_test", "has no test/ folder"),
+    ("classes", "DATA.NUMBER_CLASSES is 5 but .* has 3 class folders"),
+])
+def test_bad_folders_one_line(tmp_path, problem, message):
+    root = tmp_path / "data"
+    write_folder_dataset(root, {"train": 3, "val": 1, "test": 1})
+    if problem == "empty_class":
+        for f in (root / "train" / "dog").iterdir():
+            f.unlink()
+    elif problem == "extra_test_class":
+        shutil.copytree(root / "test" / "cat", root / "test" / "yak")
+    elif problem == "no_test":
+        shutil.rmtree(root / "test")
+    scan.cache_clear()
+    with pytest.raises(VQTError, match=message) as err:
+        check_task_data(_cfg(root, NUMBER_CLASSES=5 if problem == "classes" else -1))
+    assert "\n" not in str(err.value)
+
+
+def test_undecodable_image_names_the_file(tmp_path):
+    root = tmp_path / "data"
+    write_folder_dataset(root, {"train": 3, "val": 1, "test": 1})
+    bad = root / "train" / "cat" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a PNG header, truncated data
+    scan.cache_clear()
+    with pytest.raises(VQTError, match="cannot decode image .*0.png"):
+        load_split(_cfg(root), "train800")
+
+
+def test_val_folder_used_when_present(tmp_path):
+    root = tmp_path / "data"
+    write_folder_dataset(root, {"train": 3, "val": 2, "test": 1})
+    scan.cache_clear()
+    data = scan(str(root))
+    assert not data.val_from_train and len(data.files["val"]) == 6 and len(data.files["train"]) == 9
+    assert json.loads(json.dumps(data.classes)) == CLASSES
