@@ -16,6 +16,7 @@ from src.data.preprocess import preprocess
 from src.engine.record import RunRecord, divergence
 from src.engine.runs import Recipe, Run, TaskData
 from src.models.vqt import VQT
+from src.utils.heap import retain_freed_memory
 
 
 def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord) -> None:
@@ -25,6 +26,8 @@ def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord)
     if run.start is not None:
         model.load_trained_state(run.start)
     model.to(data.device)
+    if data.device.type == "cpu":
+        retain_freed_memory()
     for p in (model.query_tokens, model.combine):
         if p is not None:
             p.requires_grad_(not recipe.freeze_queries)

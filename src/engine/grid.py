@@ -21,6 +21,7 @@ from src.engine.record import RunRecord, divergence
 from src.engine.runs import Recipe, Run, TaskData
 from src.models.vqt import Members, QuerySpec
 from src.solver.optim import StackedOptimizer
+from src.utils.heap import retain_freed_memory
 
 
 @dataclass
@@ -52,6 +53,8 @@ def fit_grid(spec: QuerySpec, frozen: FrozenFeatures, jobs: list[tuple[Run, RunR
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0].seed)
     runs, records = [jobs[i][0] for i in order], [jobs[i][1] for i in order]
     device, bb = data.device, frozen.backbone
+    if device.type == "cpu":
+        retain_freed_memory()
     ids = [r.feat_ids for r in runs]
     model = Members(bb, spec, [r.seed for r in runs], None if ids[0] is None else torch.stack(ids)).to(device)
     model.reset(device)
