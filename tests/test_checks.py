@@ -37,7 +37,7 @@ def test_wrong_types_are_named(key, value, message):
 
 def test_searched_keys_may_be_none():
     cfg = get_cfg()
-    cfg.SOLVER.BASE_LR = cfg.SOLVER.WEIGHT_DECAY = cfg.SEED = None
+    cfg.SOLVER.BASE_LR = cfg.SOLVER.WEIGHT_DECAY = None
     check_values(cfg)
 
 

@@ -239,6 +239,7 @@ def test_every_config_key_is_read_or_rejects(assets, tmp_path, monkeypatch, caps
     monkeypatch.undo()
     leaves = set(_leaves(get_cfg()))
     assert leaves - used == set(REJECTING)
+    capsys.readouterr()  # the progress bars of the runs above
     for key, value in REJECTING.items():
         assert train.main(_args(assets, str(tmp_path / "bad"), over=[key, value])) == 2
         err = capsys.readouterr().err
