@@ -126,9 +126,10 @@ def setup(a: argparse.Namespace) -> tuple[torch.device, VisionTransformer, Image
 
 
 def make_cfg(a: argparse.Namespace, out: str) -> CfgNode:
+    """The protocol's config for `a.epochs` epochs (no warm-up: it would not fit in a few epochs, and costs the same)."""
     opts = {"DATA.NAME": "vtab-synthetic", "DATA.NUMBER_CLASSES": a.classes, "DATA.CROPSIZE": a.img_size,
             "DATA.BATCH_SIZE": a.batch_size, "ENGINE.EVAL_BATCH_SIZE": a.batch_size, "SOLVER.OPTIMIZER": "adam",
-            "SOLVER.TOTAL_EPOCH": a.epochs, "MODEL.H2T.NUM_QUERY_TOKENS": a.q, "MODEL.H2T.DROPOUT": 0.1,
+            "SOLVER.TOTAL_EPOCH": a.epochs, "SOLVER.WARMUP_EPOCH": 0, "MODEL.H2T.NUM_QUERY_TOKENS": a.q, "MODEL.H2T.DROPOUT": 0.1,
             "OUTPUT_DIR": out}
     return load_cfg(os.path.join(REPO, "configs/h2t-prompt/vtab.yaml"), [str(x) for kv in opts.items() for x in kv])
 

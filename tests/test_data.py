@@ -15,7 +15,7 @@ from src.configs.defaults import get_cfg
 from src.data.loader import check_task_data, load_split, resolve_spec, stream_split
 from src.data.preprocess import preprocess
 from src.data.synthetic import write_fake_imagefolder, write_fake_tfds
-from src.data.tasks import SPLITS, TASKS, get_task, parse_name
+from src.data.tasks import SPLITS, TASKS, TEST_SIZES, get_task, parse_name
 from src.errors import VQTError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +102,12 @@ EXPECTED_EXPR = {  # name -> (val200, test), spec §5.2
     SMALLNORB_AZI: ("test[:200]", "test[50%:]"),
     **{name: ("validation[:200]", "test") for name in SEPARATE_VAL},
 }
+
+
+def test_test_sizes_cover_every_task():
+    """The benchmark's test sizes: VPT's versions (spec §11: about 388k test images over the 19 tasks)."""
+    assert set(TEST_SIZES) == set(TASKS) and sum(TEST_SIZES.values()) == 387904
+    assert TEST_SIZES["vtab-svhn"] == VPT_SIZES["svhn_cropped"]["test"]
 
 
 @pytest.mark.parametrize("name", list(TASKS))

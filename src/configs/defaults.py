@@ -83,6 +83,10 @@ _C.ENGINE.FUSED_KV_GIB = 10.0       # seed groups (each on its own batches) shar
                                     # stay under this many GiB (and 40 % of the free device memory)
 _C.ENGINE.EVAL_BATCH_SIZE = 128     # images per evaluation batch / frozen pass (cache build, test streaming)
 _C.ENGINE.TENSORBOARD = False       # write loss / lr / val top-1 scalars to <run>/tb
+# Faster arithmetic that changes numbers (off by default; measured drift in benchmarks/README.md):
+_C.ENGINE.TF32 = False              # CUDA: TF32 matmuls and convolutions (no effect on the CPU)
+_C.ENGINE.AUTOCAST = "off"          # "off" or "bf16": bf16 autocast over training and evaluation (both engines;
+                                    # the cache is built in fp32, ENGINE.CACHE_DTYPE sets how it is stored)
 
 
 def get_cfg() -> CfgNode:

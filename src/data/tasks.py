@@ -164,6 +164,19 @@ TASKS: dict[str, VTABTask] = {t.name: t for t in (
 )}
 
 
+# Test examples of each task at the TFDS versions VPT used (spec §5.2): what the protocol's test passes cost.
+TEST_SIZES: dict[str, int] = {
+    "vtab-caltech101": 6084, "vtab-dtd": 1880, "vtab-oxford_flowers102": 6149, "vtab-oxford_iiit_pet": 3669,
+    "vtab-cifar(num_classes=100)": 10000, "vtab-patch_camelyon": 32768, "vtab-resisc45": 6300,
+    'vtab-diabetic_retinopathy(config="btgraham-300")': 42670, "vtab-eurosat": 5400,
+    'vtab-clevr(task="count_all")': 15000,
+    'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)': 73728, "vtab-sun397": 21750,
+    'vtab-smallnorb(predicted_attribute="label_elevation")': 12150, 'vtab-clevr(task="closest_object_distance")': 15000,
+    "vtab-svhn": 26032, "vtab-dmlab": 22735,
+    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)': 73728,
+    'vtab-smallnorb(predicted_attribute="label_azimuth")': 12150, 'vtab-kitti(task="closest_vehicle_distance")': 711,
+}
+
 def parse_name(name: str) -> tuple[str, dict]:
     """`vtab-f(k=v, ...)` -> ("f", {k: v}); the part after the last `vtab-` is a Python expression."""
     if "vtab-" not in name:

@@ -16,15 +16,23 @@ from src.data.preprocess import preprocess
 from src.engine.record import RunRecord, divergence
 from src.engine.runs import Recipe, Run, TaskData
 from src.models.vqt import VQT
+from src.utils.heap import retain_freed_memory
 
 
 def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord) -> None:
     """Initialise `model` from the run's seed (query tokens from `run.start` if given), train it and
     record every epoch; stops early only if the loss stops being finite."""
+    with recipe.numerics(data.device):
+        _fit(model, run, recipe, data, record)
+
+
+def _fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord) -> None:
     model.reset_parameters(torch.Generator().manual_seed(run.seed))
     if run.start is not None:
         model.load_trained_state(run.start)
     model.to(data.device)
+    if data.device.type == "cpu":
+        retain_freed_memory()
     for p in (model.query_tokens, model.combine):
         if p is not None:
             p.requires_grad_(not recipe.freeze_queries)
@@ -50,7 +58,7 @@ def fit(model: VQT, run: Run, recipe: Recipe, data: TaskData, record: RunRecord)
             total = 0.0
             for step in range(steps):
                 x, y = data.tensors(order[step * bs:(step + 1) * bs])
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x).float(), y)
                 if recipe.lrp_coef > 0:
                     loss = loss + recipe.lrp_coef * model.head.last_layer.weight.norm(dim=0).sum()
                 if why := divergence(loss.item(), epoch, step):

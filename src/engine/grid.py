@@ -21,6 +21,7 @@ from src.engine.record import RunRecord, divergence
 from src.engine.runs import Recipe, Run, TaskData
 from src.models.vqt import Members, QuerySpec
 from src.solver.optim import StackedOptimizer
+from src.utils.heap import retain_freed_memory
 
 
 @dataclass
@@ -49,9 +50,17 @@ def fit_grid(spec: QuerySpec, frozen: FrozenFeatures, jobs: list[tuple[Run, RunR
              data: TaskData, fused_kv_gib: float) -> list[dict | None]:
     """Train every run of `jobs` (as `fit` would, alone) and record it; returns each run's checkpoint
     (None for a diverged run) in the order of `jobs`."""
+    with recipe.numerics(data.device):
+        return _fit_grid(spec, frozen, jobs, recipe, data, fused_kv_gib)
+
+
+def _fit_grid(spec: QuerySpec, frozen: FrozenFeatures, jobs: list[tuple[Run, RunRecord]], recipe: Recipe,
+              data: TaskData, fused_kv_gib: float) -> list[dict | None]:
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0].seed)
     runs, records = [jobs[i][0] for i in order], [jobs[i][1] for i in order]
     device, bb = data.device, frozen.backbone
+    if device.type == "cpu":
+        retain_freed_memory()
     ids = [r.feat_ids for r in runs]
     model = Members(bb, spec, [r.seed for r in runs], None if ids[0] is None else torch.stack(ids)).to(device)
     model.reset(device)
@@ -88,7 +97,7 @@ def fit_grid(spec: QuerySpec, frozen: FrozenFeatures, jobs: list[tuple[Run, RunR
                 n = len(pass_perms)
                 rows = torch.cat([data.train_rows[perm[step * bs:(step + 1) * bs]] for perm in pass_perms])
                 feat, kvs, y = frozen.batch(rows, model.group_rngs(p.members, n))
-                logits = model(feat, kvs, p.members, n, train=True)
+                logits = model(feat, kvs, p.members, n, train=True).float()
                 m = logits.shape[1]
                 ce = F.cross_entropy(logits.permute(0, 2, 1), y[:, None].expand(-1, m), reduction="none")
                 ce = ce.view(n, -1, m).mean(dim=1).flatten()

@@ -24,7 +24,7 @@ from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, SplitStream, TaskData
+from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone, image_config, weight_path
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
@@ -67,6 +67,7 @@ def check_supported(cfg: CfgNode) -> None:
         "give both SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY (or --lr and --wd) to skip the search, or neither":
             (sol.BASE_LR is None) != (sol.WEIGHT_DECAY is None),
         f"ENGINE.CACHE {eng.CACHE!r} is not one of auto, on, off": eng.CACHE not in ("auto", "on", "off"),
+        f"ENGINE.AUTOCAST {eng.AUTOCAST!r} is not one of {', '.join(AUTOCAST)}": eng.AUTOCAST not in AUTOCAST,
         "ENGINE.CACHE on needs ENGINE.GRID True (the reference loop runs the backbone every step)":
             eng.CACHE == "on" and not eng.GRID,
         "ENGINE.CACHE on is not exact with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN True (the frozen path is random in "

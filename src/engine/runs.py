@@ -2,6 +2,7 @@
 and the task data it trains on (`TaskData`). Shared by the reference loop and the stacked engine."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,8 +13,11 @@ from yacs.config import CfgNode
 
 from src.data.loader import ImageSet
 from src.data.preprocess import preprocess
+from src.errors import VQTError
 from src.solver.schedule import lr_factor
 from src.utils.layout import RunDir
+
+AUTOCAST = ("off", "bf16")  # ENGINE.AUTOCAST values
 
 
 @dataclass
@@ -46,12 +50,15 @@ class Recipe:
     max_steps: int | None = None  # DBG: at most this many steps per epoch
     lrp_coef: float = 0.0         # group lasso on the head's columns (compress)
     freeze_queries: bool = False  # sparsity stages train the head only
+    tf32: bool = False            # ENGINE.TF32
+    autocast: str = "off"         # ENGINE.AUTOCAST
 
     @classmethod
     def from_cfg(cls, cfg: CfgNode, *, lrp_coef: float = 0.0, freeze_queries: bool = False) -> Recipe:
         s = cfg.SOLVER
         return cls(s.OPTIMIZER, s.MOMENTUM, s.TOTAL_EPOCH, s.WARMUP_EPOCH, s.SCHEDULER, cfg.DATA.BATCH_SIZE,
-                   cfg.ENGINE.EVAL_BATCH_SIZE, s.LOG_EVERY_N, 20 if cfg.DBG else None, lrp_coef, freeze_queries)
+                   cfg.ENGINE.EVAL_BATCH_SIZE, s.LOG_EVERY_N, 20 if cfg.DBG else None, lrp_coef, freeze_queries,
+                   cfg.ENGINE.TF32, cfg.ENGINE.AUTOCAST)
 
     def steps(self, n_train: int) -> int:
         steps = math.ceil(n_train / self.batch_size)
@@ -59,6 +66,19 @@ class Recipe:
 
     def lr_factor(self, epoch: int) -> float:
         return lr_factor(epoch, self.warmup, self.epochs, self.scheduler)
+
+    @contextlib.contextmanager
+    def numerics(self, device: torch.device) -> Iterator[None]:
+        """TF32 (CUDA) and bf16 autocast as the recipe says; the global TF32 switches are restored after."""
+        if self.autocast not in AUTOCAST:
+            raise VQTError(f"ENGINE.AUTOCAST {self.autocast!r} is not one of {', '.join(AUTOCAST)}")
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass

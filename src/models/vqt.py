@@ -235,47 +235,62 @@ class Members(nn.Module):
         `blocks` = n splits the batch into n equal row blocks and the selected members into n seed
         groups of equal size: block j is seen only by group j (groups on their own batches, one pass).
         `train`: query-token dropout, each group's mask drawn from its seed's stream."""
-        return self.head(self.features(feat, kvs, members, blocks, train), members, blocks)
+        parts = self.feature_blocks(feat, kvs, members, blocks, train)
+        if self.feat_ids is None:
+            return self.head_by_block(parts, members, blocks)
+        if self.spec.normalize:
+            parts = [F.normalize(x, dim=-1) for x in parts]
+        rows, m = parts[0].shape[:2]
+        ids = self.feat_ids[members].view(blocks, 1, m, -1).expand(blocks, rows // blocks, -1, -1).reshape(rows, m, -1)
+        feats = torch.cat(parts, dim=-1).gather(2, ids)
+        weight, bias = self.head_weight[members], self.head_bias[members]
+        c, f = weight.shape[1:]
+        logits = torch.einsum("nbmf,nmcf->nbmc", feats.view(blocks, rows // blocks, m, f), weight.view(blocks, m, c, f))
+        return (logits + bias.view(blocks, 1, m, c)).reshape(rows, m, c)
 
-    def features(self, feat: torch.Tensor, kvs: list[KV], members: slice = slice(None), blocks: int = 1,
-                 train: bool = False) -> torch.Tensor:
-        """`VQT.combine_features` for every selected member -> (B, G'/blocks, F)."""
+    def feature_blocks(self, feat: torch.Tensor, kvs: list[KV], members: slice = slice(None), blocks: int = 1,
+                       train: bool = False) -> list[torch.Tensor]:
+        """`VQT.combine_features`' blocks before normalisation, for every selected member: the final
+        feature, then each layer's (B, G'/blocks, f). Each layer's query tokens are built on their own
+        (a stacked (B, L, S, D) tensor and its gradient would be written and zero-filled in full)."""
         n, rows = blocks, feat.shape[0]
         b, m = rows // n, self.head_weight[members].shape[0] // n
         parts = [feat.unsqueeze(1).expand(rows, m, -1)]
-        if self.query_tokens is not None:
-            tok = self.query_tokens[members]
-            _, depth, q, d = tok.shape
-            tok = tok.view(n, 1, m, depth, q, d).transpose(2, 3).reshape(n, 1, depth, m * q, d)
-            tok = tok.expand(n, b, -1, -1, -1)
-            if train and self.spec.dropout > 0:
-                masks = [dropout_mask((b, depth, q, d), self.spec.dropout, rng) for rng in self.group_rngs(members, n)]
-                keep = torch.stack(masks).unsqueeze(3).expand(n, b, depth, m, q, d).reshape(n, b, depth, m * q, d)
-                tok = tok * keep
-            tok = tok.reshape(rows, depth, m * q, d)
-            for i, out in enumerate(self.backbone.query_pass(tok, kvs)):
-                out = out.view(rows, m, q, d)
-                if self.spec.pooling:
-                    parts.append(out.mean(dim=2))
-                elif self.combine is not None:
-                    combine = self.combine[members, i].view(n, m, q)
-                    parts.append(torch.einsum("nbmqd,nmq->nbmd", out.view(n, b, m, q, d), combine).reshape(rows, m, d))
-                else:
-                    parts.append(out.reshape(rows, m, q * d))
-        if self.spec.normalize:
-            parts = [F.normalize(x, dim=-1) for x in parts]
-        feats = torch.cat(parts, dim=-1)
-        if self.feat_ids is not None:
-            ids = self.feat_ids[members].view(n, 1, m, -1).expand(n, b, -1, -1).reshape(rows, m, -1)
-            feats = feats.gather(2, ids)
-        return feats
+        if self.query_tokens is None:
+            return parts
+        _, depth, q, d = self.query_tokens.shape
+        tok = self.query_tokens[members].view(n, 1, m, depth, q, d)
+        keep = None
+        if train and self.spec.dropout > 0:  # (n, b, L, q, d): as each group's VQT draws its (b, L, q, d) mask
+            keep = torch.stack([dropout_mask((b, depth, q, d), self.spec.dropout, rng)
+                                for rng in self.group_rngs(members, n)])
+        for i, (blk, (k, v)) in enumerate(zip(self.backbone.blocks, kvs)):
+            t = tok[:, :, :, i].expand(n, b, m, q, d) if keep is None else tok[:, :, :, i] * keep[:, :, None, i]
+            out = blk.query(t.reshape(rows, m * q, d), k, v).view(rows, m, q, d)
+            if self.spec.pooling:
+                parts.append(out.mean(dim=2))
+            elif self.combine is not None:
+                combine = self.combine[members, i].view(n, m, q)
+                parts.append(torch.einsum("nbmqd,nmq->nbmd", out.view(n, b, m, q, d), combine).reshape(rows, m, d))
+            else:
+                parts.append(out.view(rows, m, q * d))
+        return parts
 
-    def head(self, feats: torch.Tensor, members: slice = slice(None), blocks: int = 1) -> torch.Tensor:
-        rows, m, f = feats.shape
+    def head_by_block(self, parts: list[torch.Tensor], members: slice = slice(None), blocks: int = 1) -> torch.Tensor:
+        """The head over the concatenated (normalised) blocks, computed block by block: each block's
+        logits are divided by its norm instead of normalising it, and the (B, G', F) head input is
+        never built."""
         weight, bias = self.head_weight[members], self.head_bias[members]
-        c = weight.shape[1]
-        logits = torch.einsum("nbmf,nmcf->nbmc", feats.view(blocks, rows // blocks, m, f), weight.view(blocks, m, c, f))
-        return (logits + bias.view(blocks, 1, m, c)).reshape(rows, m, c)
+        n, (g, c, _) = blocks, weight.shape
+        rows, m = parts[0].shape[0], g // n
+        logits = bias.view(n, m, 1, c)
+        for part, w in zip(parts, weight.split([x.shape[-1] for x in parts], dim=-1)):
+            x = part.reshape(n, rows // n, m, -1).transpose(1, 2)  # (n, m, b, f)
+            y = x @ w.reshape(n, m, c, -1).transpose(-1, -2)
+            if self.spec.normalize:
+                y = y / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            logits = logits + y
+        return logits.transpose(1, 2).reshape(rows, m, c)
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, rng: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,299 @@
+"""Speed of the whole `run_demo_exp.sh` protocol (19 VTAB-1k tasks: search, finals, compression, test) on
+synthetic images, reference path vs fast path, next to the FLOP-bound ratio of each phase.
+
+Measured: per distinct Q (1, 10, 20), one epoch of each phase on both paths (the fast search with
+`--grid` configs of the 20, the reference with one config), the frozen pass over 1000 images and
+`--test-size` test images. Computed: every task's phases from its Q, class count and real test size
+(src.data.tasks), each measured phase time scaled by the FLOPs of the task's phase over the FLOPs of
+the measured one (linear in configs, epochs, images and head size), and the FLOPs of both paths.
+
+    python benchmarks/bench_table.py                  # ViT-Ti/16 shapes, 224 px, CPU (2 cores: ~10 min)
+    python benchmarks/bench_table.py --arch b16 --device cuda --grid 20 --test-size 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from bench_protocol import ARCHS, N_TRAIN, N_VAL, Clock, final_runs, make_cfg, search_runs, setup, synthetic, task_data
+
+from src.configs.vit_configs import ViTArch
+from src.data.tasks import TEST_SIZES
+from src.engine.fit import fit
+from src.engine.frozen import FrozenFeatures
+from src.engine.grid import fit_grid
+from src.engine.protocol import FINAL_SEEDS
+from src.engine.record import RunRecord
+from src.engine.runs import Recipe, Run, SplitStream
+from src.models.checkpoints import write_random_npz
+from src.models.vqt import QUERY_KEY, VQT, QuerySpec
+from src.utils.heap import retain_freed_memory
+from src.utils.sweep import DEMO_TASKS
+
+EPOCHS, CONFIGS, SEEDS = 100, 20, len(FINAL_SEEDS)
+N_ALL = N_TRAIN + N_VAL
+LRP_COEF = 1e-4  # the compress stage's group lasso (run_vqt_vtab_sparsity.sh)
+PHASES = ("search", "finals", "compress", "featselect")
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Analytic FLOPs (2 x multiply-adds) of one image through the two paths of one ViT."""
+
+    arch: ViTArch
+    img_size: int
+
+    @property
+    def tokens(self) -> int:
+        return 1 + (self.img_size // self.arch.patch_size) ** 2
+
+    def backbone(self) -> float:
+        """Frozen forward: patch embedding, per layer qkv + proj + MLP (12 D^2 per token) and attention (2 T^2 D)."""
+        d, t, p = self.arch.embed_dim, self.tokens, self.arch.patch_size
+        layer = t * (4 * d * d + 2 * d * self.arch.mlp_dim) + 2 * t * t * d
+        return 2 * ((t - 1) * 3 * p * p * d + self.arch.depth * layer)
+
+    def query(self, q: int) -> float:
+        """Query path forward of one member: per layer and token q-projection, attention over T cached
+        keys/values, output projection and MLP."""
+        d, t = self.arch.embed_dim, self.tokens
+        return 2 * self.arch.depth * q * (2 * d * d + 2 * d * self.arch.mlp_dim + 2 * t * d)
+
+    def head(self, q: int, classes: int, keep: float = 1.0) -> float:
+        d = self.arch.embed_dim
+        return 2 * classes * int(keep * (d + self.arch.depth * q * d))
+
+    def phase(self, phase: str, q: int, classes: int, reference: bool) -> float:
+        """FLOPs of one config-epoch: train steps over 800 (search) or 1000 images, then val200.
+        Training the query tokens: backward = forward (input gradients only: the weights are frozen) and
+        the head's weight gradient; compression stages train the head only."""
+        n_train = N_TRAIN if phase == "search" else N_ALL
+        keep = 0.7 if phase == "featselect" else 1.0
+        head = self.head(q, classes, keep)
+        query_bwd = self.query(q) + head if phase in ("search", "finals") else 0.0
+        train = self.query(q) + head + query_bwd + head
+        val = self.query(q) + head
+        if reference:
+            train, val = train + self.backbone(), val + self.backbone()
+        return n_train * train + N_VAL * val
+
+    def test(self, q: int, classes: int, members: int) -> float:
+        """One test image through the backbone and `members` query paths + heads."""
+        return self.backbone() + members * (self.query(q) + self.head(q, classes))
+
+
+def stage_runs(cfg, stage: str, dim: int, depth: int, q: int) -> tuple[list[Run], Recipe]:
+    """The 5 runs of a compression stage (queries from a final run; featselect keeps 70 % of the features)."""
+    runs = final_runs(cfg, SEEDS)
+    torch.manual_seed(0)
+    for r in runs:
+        r.lr *= 0.5
+        r.start = {QUERY_KEY: torch.randn(depth, q, dim) * 0.02}
+        if stage == "featselect":
+            f = dim + depth * q * dim
+            r.feat_ids = torch.randperm(f)[:int(0.7 * f)].sort().values
+    return runs, Recipe.from_cfg(cfg, lrp_coef=LRP_COEF if stage == "compress" else 0.0, freeze_queries=True)
+
+
+class Bench:
+    """Both paths on one backbone and one synthetic train800 + val200 set, timed phase by phase."""
+
+    def __init__(self, a: argparse.Namespace, out: str):
+        self.a, self.out = a, out
+        self.device, self.backbone, self.images = setup(a)
+        self.clock = Clock(self.device)
+        self.clock.lap()
+        self.frozen = FrozenFeatures(self.backbone, self.images, a.img_size, self.device, cache=True,
+                                     dtype=a.cache_dtype, batch_size=a.batch_size)
+        self.frozen_s = self.clock.lap()
+        if self.device.type == "cpu":
+            retain_freed_memory()
+
+    def cfg(self, q: int, tag: str):
+        ns = argparse.Namespace(**{**vars(self.a), "q": q, "epochs": 1})
+        return make_cfg(ns, os.path.join(self.out, tag))
+
+    def _test(self, laps: list[float]) -> SplitStream:
+        test = synthetic(self.a.test_size, self.a.classes, 2)
+
+        def batches():
+            start = time.perf_counter()
+            for i in range(0, len(test), self.a.batch_size):
+                yield test.images[i:i + self.a.batch_size], test.labels[i:i + self.a.batch_size]
+            laps.append(time.perf_counter() - start)
+        return SplitStream(len(test), batches())
+
+    def run(self, reference: bool, q: int, phase: str) -> dict:
+        """One epoch of `phase` (with the test stream after finals/compression stages): seconds of the
+        training + val part and of the test part."""
+        cfg, dim, depth = self.cfg(q, f"{'ref' if reference else 'fast'}_{phase}_{q}"), self.backbone.embed_dim, \
+            self.backbone.depth
+        if phase == "search":
+            runs, recipe = search_runs(cfg, 1 if reference else self.a.grid), Recipe.from_cfg(cfg)
+        elif phase == "finals":
+            runs, recipe = final_runs(cfg, 1 if reference else SEEDS), Recipe.from_cfg(cfg)
+        else:
+            runs, recipe = stage_runs(cfg, phase, dim, depth, q)
+            runs = runs[:1] if reference else runs
+        laps: list[float] = []
+        test = None if phase == "search" else self._test(laps)
+        data = task_data(self.a, self.images, self.device, N_TRAIN if phase == "search" else N_ALL, test)
+        jobs = [(r, RunRecord(r, cfg, save_ckpt=False)) for r in runs]
+        self.clock.lap()
+        cpu = time.process_time()
+        if reference:
+            for r, record in jobs:
+                fit(VQT(self.backbone, QuerySpec.from_cfg(cfg), r.feat_ids), r, recipe, data, record)
+        else:
+            fit_grid(QuerySpec.from_cfg(cfg), self.frozen, jobs, recipe, data, cfg.ENGINE.FUSED_KV_GIB)
+        total, cpu = self.clock.lap(), time.process_time() - cpu
+        test_s = laps[0] if laps else 0.0
+        return {"configs": len(runs), "train_s": total - test_s, "test_s": test_s, "cpu_s": cpu}
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> tuple[float, float]:
+    """Sustained fp32 GFLOP/s of an n x n x n torch.mm: per wall second and per CPU second of this process."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    clock = Clock(device)
+    a @ b
+    clock.lap()
+    cpu = time.process_time()
+    for _ in range(reps):
+        a @ b
+    wall, cpu = clock.lap(), time.process_time() - cpu
+    flops = reps * 2 * n ** 3
+    return flops / wall / 1e9, flops / cpu / 1e9
+
+
+def measure(a: argparse.Namespace, qs: list[int]) -> dict:
+    """Every measured figure: the frozen pass, one epoch of each phase per Q on both paths, the matmul rate."""
+    with tempfile.TemporaryDirectory() as out:
+        bench = Bench(a, out)
+        rate = matmul_gflops(bench.device)
+        figures = {"frozen_pass_s": bench.frozen_s, "frozen_images": N_ALL, "matmul_gflops": rate, "phases": {}}
+        for q in qs:
+            for phase in PHASES if q == 1 else PHASES[:2]:
+                for reference in (False, True):
+                    key = f"{'reference' if reference else 'fast'}/{phase}/Q{q}"
+                    figures["phases"][key] = r = bench.run(reference, q, phase)
+                    print(f"  measured {key:<24} {r['configs']:>2} configs x 1 epoch: {r['train_s']:8.1f} s "
+                          f"(CPU {r['cpu_s']:.1f} s), test {a.test_size} images {r['test_s']:6.1f} s", flush=True)
+        figures["matmul_gflops_after"] = matmul_gflops(bench.device)
+        bench.frozen.close()
+    return figures
+
+
+def table(a: argparse.Namespace, m: dict) -> dict:
+    """Per task and phase: seconds of both paths (computed from the measurements) and FLOPs of both."""
+    fl = Flops(ARCHS[a.arch], a.img_size)
+    rows, c0 = [], a.classes
+    for t in DEMO_TASKS:
+        q, classes, n_test = t.q, t.classes, TEST_SIZES[t.name]
+        phases = PHASES if t.fraction is not None else PHASES[:2]
+        row = {"task": t.short, "q": q, "classes": classes, "test": n_test, "ref_s": 0.0, "fast_s": 0.0,
+               "ref_flops": 0.0, "fast_flops": 0.0}
+        # each train.py process (training; each compression stage) builds its own cache
+        row["fast_s"] += len(phases[1:]) * m["frozen_pass_s"]
+        row["fast_flops"] += len(phases[1:]) * N_ALL * fl.backbone()
+        for phase in phases:
+            n_cfg = CONFIGS if phase == "search" else SEEDS
+            for path, reference in (("ref", True), ("fast", False)):
+                r = m["phases"][f"{'reference' if reference else 'fast'}/{phase}/Q{q}"]
+                scale = fl.phase(phase, q, classes, reference) / fl.phase(phase, q, c0, reference)
+                row[f"{path}_s"] += EPOCHS * n_cfg * scale * r["train_s"] / r["configs"]
+                row[f"{path}_flops"] += EPOCHS * n_cfg * fl.phase(phase, q, classes, reference)
+                if phase != "search":  # test at the end: once per run (reference), once for all 5 runs (fast)
+                    runs, members = (SEEDS, 1) if reference else (1, SEEDS)
+                    tscale = fl.test(q, classes, members) / fl.test(q, c0, members)
+                    row[f"{path}_s"] += runs * tscale * r["test_s"] * n_test / a.test_size
+                    row[f"{path}_flops"] += runs * n_test * fl.test(q, classes, members)
+        rows.append(row)
+    return {"rows": rows}
+
+
+def per_q(a: argparse.Namespace, m: dict) -> list[dict]:
+    """Per Q and phase: s per config-epoch of both paths, measured ratio, FLOP-bound ratio, fast vs its FLOP bound."""
+    fl, out = Flops(ARCHS[a.arch], a.img_size), []
+    wall_rate, cpu_rate = m["matmul_gflops"]
+    for key, r in m["phases"].items():
+        path, phase, q = key.split("/")
+        if path != "fast":
+            continue
+        q = int(q[1:])
+        ref = m["phases"][f"reference/{phase}/Q{q}"]
+        fast_s, ref_s = r["train_s"] / r["configs"], ref["train_s"] / ref["configs"]
+        fast_f, ref_f = fl.phase(phase, q, a.classes, False), fl.phase(phase, q, a.classes, True)
+        out.append({"phase": phase, "q": q, "ref_s": ref_s, "fast_s": fast_s, "ratio": ref_s / fast_s,
+                    "flop_ratio": ref_f / fast_f, "fast_gflop": fast_f / 1e9, "bound_s": fast_f / 1e9 / wall_rate,
+                    "over_bound": fast_s / (fast_f / 1e9 / wall_rate),
+                    "over_bound_cpu": r["cpu_s"] / r["configs"] / (fast_f / 1e9 / cpu_rate)})
+    return out
+
+
+def report(a: argparse.Namespace, m: dict) -> dict:
+    rows, qs = table(a, m)["rows"], per_q(a, m)
+    wall_rate, cpu_rate = m["matmul_gflops"]
+    print(f"\nsustained fp32 matmul (2048^3 torch.mm, MEASURED): {wall_rate:.0f} GFLOP/s per wall second, "
+          f"{cpu_rate:.0f} per CPU second (after the run: {m['matmul_gflops_after'][0]:.0f} / "
+          f"{m['matmul_gflops_after'][1]:.0f})")
+    print(f"frozen pass, {N_ALL} images (MEASURED): {m['frozen_pass_s']:.1f} s")
+    print("\nper config-epoch (MEASURED: 1 epoch; fast search over "
+          f"{a.grid} configs together, reference 1 config; {a.classes} classes)")
+    print(f"{'phase':<11}{'Q':>3}{'ref s':>9}{'fast s':>9}{'ratio':>8}{'FLOP ratio':>12}{'fast GFLOP':>12}"
+          f"{'bound s':>9}{'fast/bound':>12}{'(CPU time)':>12}")
+    for r in qs:
+        print(f"{r['phase']:<11}{r['q']:>3}{r['ref_s']:>9.2f}{r['fast_s']:>9.3f}{r['ratio']:>7.1f}x{r['flop_ratio']:>11.1f}x"
+              f"{r['fast_gflop']:>12.1f}{r['bound_s']:>9.3f}{r['over_bound']:>11.2f}x{r['over_bound_cpu']:>11.2f}x")
+    print(f"\nwhole run_demo_exp.sh protocol, COMPUTED per task from the measurements ({EPOCHS} epochs, "
+          f"{CONFIGS} search configs, {SEEDS} seeds, real test sizes; images synthetic, no TFDS decoding)")
+    print(f"{'task':<15}{'Q':>3}{'C':>5}{'test':>7}{'reference s':>13}{'fast s':>9}{'ratio':>8}{'FLOP ratio':>12}")
+    tot = {"ref_s": 0.0, "fast_s": 0.0, "ref_flops": 0.0, "fast_flops": 0.0}
+    for r in rows:
+        for k in tot:
+            tot[k] += r[k]
+        print(f"{r['task']:<15}{r['q']:>3}{r['classes']:>5}{r['test']:>7}{r['ref_s']:>13.0f}{r['fast_s']:>9.0f}"
+              f"{r['ref_s'] / r['fast_s']:>7.1f}x{r['ref_flops'] / r['fast_flops']:>11.1f}x")
+    ratio, flop_ratio = tot["ref_s"] / tot["fast_s"], tot["ref_flops"] / tot["fast_flops"]
+    print(f"{'total':<30}{tot['ref_s']:>13.0f}{tot['fast_s']:>9.0f}{ratio:>7.1f}x{flop_ratio:>11.1f}x")
+    print(f"  = reference {tot['ref_s'] / 3600:.1f} h, fast {tot['fast_s'] / 3600:.2f} h; FLOPs: reference "
+          f"{tot['ref_flops'] / 1e15:.1f} PFLOP, fast {tot['fast_flops'] / 1e15:.2f} PFLOP")
+    return {"per_q": qs, "tasks": rows, "total": {**tot, "ratio": ratio, "flop_ratio": flop_ratio}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--grid", type=int, default=4, help="search configs measured together on the fast path (of 20)")
+    p.add_argument("--qs", type=int, nargs="+", default=sorted({t.q for t in DEMO_TASKS}), help="Q values measured")
+    p.add_argument("--classes", type=int, default=10, help="class count of the measured runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--test-size", type=int, default=256, help="measured test images per phase")
+    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", help="also write every figure to this file")
+    a = p.parse_args()
+    print(f"vqt whole-table benchmark: arch {a.arch} at {a.img_size} px, Q in {a.qs}, batch {a.batch_size}, "
+          f"cache {a.cache_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        a.ckpt = os.path.join(tmp, "vit.npz")
+        write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
+        m = measure(a, a.qs)
+    out = {"args": vars(a), "measured": m, **report(a, m)}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
