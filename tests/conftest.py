@@ -1,6 +1,8 @@
 """Shared test setup: make `import timm` work next to CPU-only torch, and small model fixtures."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import src.models  # noqa: F401 - applies the torchvision shim before any test module imports timm
@@ -20,5 +22,5 @@ def _fresh_console_log():
     replaces it per test): drop the handlers after each test so the next one logs to its own stdout."""
     yield
     logger = get_logger()
-    for handler in list(logger.handlers):
+    for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
         logger.removeHandler(handler)

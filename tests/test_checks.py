@@ -37,7 +37,7 @@ def test_wrong_types_are_named(key, value, message):
 
 def test_searched_keys_may_be_none():
     cfg = get_cfg()
-    cfg.SOLVER.BASE_LR = cfg.SOLVER.WEIGHT_DECAY = cfg.SEED = None
+    cfg.SOLVER.BASE_LR = cfg.SOLVER.WEIGHT_DECAY = None
     check_values(cfg)
 
 
@@ -50,7 +50,7 @@ def test_load_cfg_checks_the_values():
     ("MODEL.H2T.NUM_QUERY_TOKENS", 5, "1.5", "MODEL.H2T.NUM_QUERY_TOKENS must be a whole number (got 1.5)"),
     ("MODEL.H2T.NUM_QUERY_TOKENS", 5, "1.0", "MODEL.H2T.NUM_QUERY_TOKENS must be a whole number (got 1.0; write 1)"),
     ("MODEL.H2T.KEEP_FRAC", 1.0, "1", "MODEL.H2T.KEEP_FRAC must be a float: write 1.0"),
-    ("DATA.BATCH_SIZE", 32, "True", "DATA.BATCH_SIZE must be of type int (got 'True')"),
+    ("DATA.BATCH_SIZE", 32, "True", "DATA.BATCH_SIZE must be a whole number (got True)"),
 ])
 def test_type_problem_of_an_override(key, current, text, message):
     assert type_problem(key, current, text) == message

@@ -14,11 +14,11 @@ import pytest
 from src.utils.cli import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train.py", "collect_demo_exp_results.py", *sorted(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py"))]
+SCRIPTS = ["train.py", "predict.py", "collect_demo_exp_results.py", *sorted(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py"))]
 
 
 def test_all_scripts_are_listed():
-    assert len(SCRIPTS) == 6
+    assert len(SCRIPTS) == 9
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -21,7 +21,7 @@ def setup_logging() -> logging.Logger:
     logger = get_logger()
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if not logger.handlers:
+    if not any(type(h) is logging.StreamHandler for h in logger.handlers):  # task logs and test captures aside
         h = logging.StreamHandler(sys.stdout)
         h.setFormatter(logging.Formatter(FMT, DATEFMT))
         logger.addHandler(h)
