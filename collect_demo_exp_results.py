@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +104,7 @@ def read_run(run_dir: Path, k: int, name: str) -> Run:
         return Run(k, "missing")
     run = RunDir(str(run_dir))
     done = run.done
-    external = done is None and not run.ours and os.path.isfile(run.results_file)
+    external = run.external
     if done is None and not external:
         return Run(k, "incomplete", detail="no DONE: interrupted or still running")
     if not external and done.get("status") != "ok":
@@ -132,7 +131,7 @@ def _counts(run_dir: Path) -> bool:
     """A finished run of ours, or results the original code wrote."""
     run = RunDir(str(run_dir))
     done = run.done
-    return (done or {}).get("status") == "ok" or (done is None and not run.ours and os.path.isfile(run.results_file))
+    return (done or {}).get("status") == "ok" or run.external
 
 
 def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs: int) -> Cell | None:

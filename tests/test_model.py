@@ -103,7 +103,7 @@ def test_query_pass_matches_masked_attention_peer(tmp_path, tiny_arch, fmt):
     tokens = torch.randn(2, tiny_arch.depth, q, tiny_arch.embed_dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         feat, kvs = ours.frozen_pass(x)
-        outs = ours.query_pass(tokens, kvs)
+        outs = [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(ours.blocks, kvs))]
         h = peer.norm_pre(peer._pos_embed(peer.patch_embed(_normalized(x))))
         mask = torch.zeros(q + h.shape[1], q + h.shape[1])
         mask[:, :q] = float("-inf")
@@ -122,7 +122,7 @@ def test_frozen_path_has_no_grad_path_to_queries(tmp_path, tiny_arch):
     tokens = torch.randn(2, tiny_arch.depth, 2, tiny_arch.embed_dim, requires_grad=True)
     feat, kvs = ours.frozen_pass(x)
     assert feat.grad_fn is None and all(k.grad_fn is None and v.grad_fn is None for k, v in kvs)
-    outs = ours.query_pass(tokens, kvs)
+    outs = [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(ours.blocks, kvs))]
     (grad,) = torch.autograd.grad(sum(o.square().sum() for o in outs), tokens)
     assert grad.abs().amin(dim=(0, 2, 3)).gt(0).all()  # every layer's tokens reach the output
     torch.testing.assert_close(ours.frozen_pass(x)[0], feat, rtol=0, atol=0)

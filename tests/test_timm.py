@@ -91,7 +91,7 @@ def test_query_path_equals_timm_blocks_with_masked_queries(family):
     tokens = torch.randn(2, ours.depth, q, ours.embed_dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _, kvs = ours.frozen_pass(x)
-        outs = ours.query_pass(tokens, kvs)
+        outs = [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(ours.blocks, kvs))]
         h = peer.norm_pre(peer._pos_embed(peer.patch_embed(_normalized(x, peer))))
         mask = torch.zeros(q + h.shape[1], q + h.shape[1])
         mask[:, :q] = float("-inf")

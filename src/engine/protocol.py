@@ -89,7 +89,7 @@ def find_best_lrwd(layout: Layout) -> tuple[float, float]:
             skipped.append((run.path, "incomplete" if done is None else done["status"], (done or {}).get("message", "")))
             continue
         results = run.load_results()
-        found.append((lr, wd, results[f"epoch_{len(results) - 1}"]["classification"][f"val_{layout.data_name}"]["top1"]))
+        found.append((lr, wd, results[f"epoch_{last_epoch(results)}"]["classification"][f"val_{layout.data_name}"]["top1"]))
     if skipped:
         logger.warning("search runs not used for the pick: " + "; ".join(f"{p} ({s})" for p, s, _ in sorted(skipped)))
     diverged = [(p, m) for p, s, m in sorted(skipped) if s == "diverged"]

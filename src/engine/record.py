@@ -86,8 +86,7 @@ class RunRecord:
         if self._tb is not None:
             self._tb.add_scalar("test/top1", metrics["top1"], len(self.results) - 1)
         if self.save_ckpt:
-            atomic_save({"targets": torch.from_numpy(targets), "joint_logits": torch.from_numpy(logits.copy())},
-                        self.run.dir.logits_file(self.test_name))
+            _save_logits(logits, targets, self.run.dir.logits_file(self.test_name))
 
     def finish(self, checkpoint: dict | None) -> None:
         """Write eval_results.pth, the last val logits and `checkpoint` (with MODEL.SAVE_CKPT, unless the
@@ -96,13 +95,17 @@ class RunRecord:
         atomic_save(self.results, d.results_file)
         if self.save_ckpt and not self.diverged and checkpoint is not None:
             logits, targets = self.val
-            atomic_save({"targets": torch.from_numpy(targets), "joint_logits": torch.from_numpy(logits.copy())},
-                        d.logits_file(self.val_name))
+            _save_logits(logits, targets, d.logits_file(self.val_name))
             atomic_save(checkpoint, d.checkpoint_file)
         if self._tb is not None:
             self._tb.close()
         self._log.close()
         d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results), self.run.identity or {})
+
+
+def _save_logits(logits: np.ndarray, targets: np.ndarray, path: str) -> None:
+    """A logits file as the original writes it: {"targets", "joint_logits"} (torch tensors here)."""
+    atomic_save({"targets": torch.from_numpy(targets), "joint_logits": torch.from_numpy(logits.copy())}, path)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

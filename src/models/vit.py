@@ -1,7 +1,7 @@
 """Frozen Vision Transformer split into the two paths of VQT, on timm's modules.
 
 `frozen_pass` runs the backbone on images and returns, per layer, the keys and values its own
-tokens attend over, plus the final feature. `query_pass` runs query tokens through every layer:
+tokens attend over, plus the final feature. `Block.query` runs query tokens through a block:
 at layer l they read layer l's keys/values (the original tokens only), so the backbone's own
 tokens never see them. Keys/values do not depend on the query tokens, which is what makes the
 frozen path cacheable.
@@ -177,12 +177,6 @@ class VisionTransformer(nn.Module):
             x, k, v = blk(x)
             kvs.append((k, v))
         return self.pool(x), kvs
-
-    def query_pass(self, tokens: torch.Tensor, kvs: list[KV]) -> list[torch.Tensor]:
-        """Query tokens (B, L, S, D) (S tokens per layer, fresh at every layer) -> L outputs (B, S, D).
-
-        Outputs are taken after each block, before the final norm."""
-        return [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(self.blocks, kvs))]
 
 
 def check_supported(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ from src.errors import VQTError
 PHASES = {"search": "_val", "final": "_final", "sparse": "_sparsefinal"}
 DONE = "DONE"
 STARTED = ".vqt_run"
+PICK = "pick.json"
 META = ".vqt"
 _HP = re.compile(r"lr([0-9.e+-]+)_wd([0-9.e+-]+)_bs(\d+)$")
 
@@ -74,7 +75,7 @@ def meta_dir(phase_root: str, data_name: str, feature: str) -> str:
 def read_pick(phase_root: str, data_name: str, feature: str) -> dict | None:
     """The lr/wd folder a phase trained (its pick.json), None when not recorded or unreadable."""
     try:
-        with open(os.path.join(meta_dir(phase_root, data_name, feature), "pick.json")) as f:
+        with open(os.path.join(meta_dir(phase_root, data_name, feature), PICK)) as f:
             pick = json.load(f)
     except (OSError, ValueError):
         return None
@@ -132,7 +133,7 @@ class Layout:
             os.makedirs(self.meta_dir(phase), exist_ok=True)
         except OSError as e:
             raise _write_failed(self.meta_dir(phase), e) from None
-        atomic_write_text(json.dumps(rec) + "\n", os.path.join(self.meta_dir(phase), "pick.json"))
+        atomic_write_text(json.dumps(rec) + "\n", os.path.join(self.meta_dir(phase), PICK))
 
     def cache_dir(self) -> str:
         """Scratch folder of disk-memmap caches."""
@@ -214,6 +215,11 @@ class RunDir:
     def ours(self) -> bool:
         """Whether vqt created this folder (it carries our STARTED marker)."""
         return os.path.isfile(self.file(STARTED))
+
+    @property
+    def external(self) -> bool:
+        """Results someone else wrote here (the original code): eval_results.pth, no DONE, no marker of ours."""
+        return self.done is None and not self.ours and os.path.isfile(self.results_file)
 
     @property
     def finished(self) -> dict | None:
