@@ -62,13 +62,19 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The block on the backbone's tokens; also returns their keys (after k_norm) and values, in
-        their own storage (holding them does not keep the whole qkv projection alive)."""
+        """The block on the backbone's tokens; also returns their keys (after k_norm) and values."""
+        o, k, v = self._self_attention(self.norm1(x))
+        return self._out(x, o), k, v
+
+    def _self_attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention heads (B, H, N, hd) of normed tokens `h` over themselves, and their keys and values in
+        their own storage: the qkv projection is freed on return, before the MLP, and holding the
+        keys/values does not keep it alive."""
         a = self.attn
-        b, n, _ = x.shape
-        q, k, v = a.qkv(self.norm1(x)).view(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = a.q_norm(q), a.k_norm(k).contiguous(), v.contiguous()
-        return self._out(x, F.scaled_dot_product_attention(q, k, v)), k, v
+        b, n, _ = h.shape
+        q, k, v = a.qkv(h).view(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = a.k_norm(k).contiguous(), v.contiguous()
+        return F.scaled_dot_product_attention(a.q_norm(q), k, v), k, v
 
     def query(self, t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: bool = False) -> torch.Tensor:
         """The block applied to query tokens `t` whose keys/values are the original tokens' (and, with
