@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from yacs.config import CfgNode
 
 import train
 from src.configs.defaults import get_cfg
+from src.engine import frozen as frozen_mod
 from src.engine.protocol import FINAL_SEEDS
 from src.models.vqt import HEAD_W, QUERY_KEY, QuerySpec
 from src.utils.layout import PHASES, Layout
@@ -269,3 +271,22 @@ def test_each_phase_logs_to_its_own_task_log(finished):
     assert "final: 5 runs to train" in final and "search:" not in final
     assert all(text.startswith(("[", "command: ")) and "git commit: " in text and "wall time: " in text
                for text in (search, final))
+
+
+def test_a_cache_that_fits_nowhere_falls_back_to_the_uncached_grid(assets, tmp_path, monkeypatch, capsys):
+    def final_logits(out):
+        run = os.path.join(_task_dir(out, "_final"), "lr0.07_wd0.001_bs128", "run3")
+        return torch.load(os.path.join(run, f"test_{NAME}_logits.pth"), weights_only=True)["joint_logits"]
+
+    cached = str(tmp_path / "cached")
+    assert train.main(_args(assets, cached, "--lr", "0.07", "--wd", "0.001", over=["ENGINE.CACHE_LOCATION", "cpu"])) == 0
+    monkeypatch.setattr(frozen_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    capsys.readouterr()
+    full = str(tmp_path / "full")
+    assert train.main(_args(assets, full, "--lr", "0.07", "--wd", "0.001", over=["ENGINE.CACHE_LOCATION", "disk"])) == 0
+    stdout = capsys.readouterr().out
+    assert "fits neither in memory nor in" in stdout and "ENGINE.CACHE auto trains without it" in stdout
+    assert torch.allclose(torch.as_tensor(final_logits(full)), torch.as_tensor(final_logits(cached)), atol=1e-5)
+    over = ["ENGINE.CACHE_LOCATION", "disk", "ENGINE.CACHE", "on"]
+    assert train.main(_args(assets, str(tmp_path / "on"), "--lr", "0.07", "--wd", "0.001", over=over)) == 2
+    assert "error: the frozen-path disk cache needs" in capsys.readouterr().err

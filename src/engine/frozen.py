@@ -59,10 +59,21 @@ def remove_stale_caches(folder: str) -> list[str]:
     return removed
 
 
+class CacheDoesNotFit(VQTError):
+    """The disk cache needs more space than its folder has; the message says what to do."""
+
+    def __init__(self, folder: str, nbytes: int, free: int, dtype: torch.dtype, reason: str = ""):
+        self.folder, self.nbytes, self.free = folder, nbytes, free
+        half = ", set ENGINE.CACHE_DTYPE bfloat16 (half the size)" if dtype == torch.float32 else ""
+        super().__init__(f"the frozen-path disk cache needs {nbytes / 2**30:.2f} GiB in {folder} but "
+                         f"{free / 2**30:.2f} GiB are free{f' ({reason})' if reason else ''}: free space there{half}, "
+                         "set ENGINE.CACHE off, or point OUTPUT_DIR at a larger disk (the cache goes to OUTPUT_DIR_cache)")
+
+
 def disk_cache(shape: tuple[int, ...], dtype: torch.dtype, folder: str) -> torch.Tensor:
     """A zero-filled tensor memory-mapped from a file in `folder`. The file is allocated in full
-    first (a full disk is a VQTError now, not a SIGBUS later) and unlinked once mapped, so the
-    space returns to the file system when the process ends, however it ends."""
+    first (a full disk is `CacheDoesNotFit` now, not a SIGBUS later) and unlinked once mapped, so
+    the space returns to the file system when the process ends, however it ends."""
     os.makedirs(folder, exist_ok=True)
     for path in remove_stale_caches(folder):
         get_logger().info(f"removed a stale frozen-path cache of a dead process: {path}")
@@ -70,24 +81,17 @@ def disk_cache(shape: tuple[int, ...], dtype: torch.dtype, folder: str) -> torch
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     free = shutil.disk_usage(folder).free
     if nbytes > free:
-        raise VQTError(_no_space(folder, nbytes, free, dtype))
+        raise CacheDoesNotFit(folder, nbytes, free, dtype)
     fd, path = tempfile.mkstemp(prefix=f"vqt_cache_{_host()}_{os.getpid()}_", suffix=".bin", dir=folder)
     try:
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:
-            raise VQTError(_no_space(folder, nbytes, shutil.disk_usage(folder).free, dtype, e.strerror)) from None
+            raise CacheDoesNotFit(folder, nbytes, shutil.disk_usage(folder).free, dtype, e.strerror) from None
         return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
     finally:
         os.close(fd)
         os.remove(path)
-
-
-def _no_space(folder: str, nbytes: int, free: int, dtype: torch.dtype, reason: str = "") -> str:
-    half = ", set ENGINE.CACHE_DTYPE bfloat16 (half the size)" if dtype == torch.float32 else ""
-    return (f"the frozen-path disk cache needs {nbytes / 2**30:.2f} GiB in {folder} but "
-            f"{free / 2**30:.2f} GiB are free{f' ({reason})' if reason else ''}: free space there{half}, "
-            "set ENGINE.CACHE off, or point OUTPUT_DIR at a larger disk (the cache goes to OUTPUT_DIR_cache)")
 
 
 def _split_kv(kv: torch.Tensor) -> list[KV]:

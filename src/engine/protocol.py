@@ -20,7 +20,7 @@ from src.data.folder import check_folder_classes, scan, write_classes
 from src.data.loader import ImageSet, check_classes, check_task_data, data_identity, load_split, stream_split
 from src.data.tasks import get_task
 from src.engine.fit import fit
-from src.engine.frozen import FrozenFeatures
+from src.engine.frozen import CacheDoesNotFit, FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
@@ -149,10 +149,24 @@ class Task:
         if self._frozen is None:
             e = self.cfg.ENGINE
             cache = e.CACHE == "on" or (e.CACHE == "auto" and self.backbone.pos_drop.p == 0)
-            self._frozen = FrozenFeatures(self.backbone, self.images, self.cfg.DATA.CROPSIZE, self.device, cache=cache,
-                                          dtype=e.CACHE_DTYPE, location=e.CACHE_LOCATION, batch_size=e.EVAL_BATCH_SIZE,
-                                          scratch_dir=self.layout.cache_dir(), pin_memory=self.cfg.DATA.PIN_MEMORY)
+            try:
+                self._frozen = self._frozen_features(cache)
+            except CacheDoesNotFit as err:
+                if e.CACHE != "auto":
+                    raise
+                get_logger().warning(
+                    f"the frozen-path cache ({err.nbytes / 2**30:.2f} GiB) fits neither in memory nor in {err.folder} "
+                    f"({err.free / 2**30:.2f} GiB free): ENGINE.CACHE auto trains without it, the backbone running once "
+                    "per batch for all runs of a phase (same numbers, slower); free space there or set "
+                    "ENGINE.CACHE_DTYPE bfloat16 to cache")
+                self._frozen = self._frozen_features(False)
         return self._frozen
+
+    def _frozen_features(self, cache: bool) -> FrozenFeatures:
+        e = self.cfg.ENGINE
+        return FrozenFeatures(self.backbone, self.images, self.cfg.DATA.CROPSIZE, self.device, cache=cache,
+                              dtype=e.CACHE_DTYPE, location=e.CACHE_LOCATION, batch_size=e.EVAL_BATCH_SIZE,
+                              scratch_dir=self.layout.cache_dir(), pin_memory=self.cfg.DATA.PIN_MEMORY)
 
     def data(self, train: str, test: bool) -> TaskData:
         n, n_train = len(self.images), self.n_train
