@@ -157,15 +157,22 @@ def task_data(a: argparse.Namespace, images: ImageSet, device: torch.device, tra
                     None if test is None else lambda: test)
 
 
+Mark = tuple[float, float]  # (wall clock, CPU time of this process) in seconds
+
+
+def now() -> Mark:
+    return time.perf_counter(), time.process_time()
+
+
 class TimedRecord(RunRecord):
     """A run record that also notes, in the shared list `starts`, when each of its epochs starts."""
 
-    def __init__(self, run: Run, cfg: CfgNode, starts: list[float], *, save_ckpt: bool):
+    def __init__(self, run: Run, cfg: CfgNode, starts: list[Mark], *, save_ckpt: bool):
         super().__init__(run, cfg, save_ckpt=save_ckpt)
         self.starts = starts
 
     def epoch_start(self, epoch: int, epochs: int, lr: float) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(now())
         super().epoch_start(epoch, epochs, lr)
 
 
@@ -179,49 +186,52 @@ class Epochs:
     total: float
 
     @classmethod
-    def from_starts(cls, starts: list[float], end: float, epochs: int) -> Epochs:
-        """Consecutive runs of `epochs` epochs each that started their epochs at `starts`, the last ending at `end`."""
-        bounds = [*starts, end]
+    def from_marks(cls, starts: list[Mark], end: Mark, epochs: int, clock: int = 0) -> Epochs:
+        """Consecutive runs of `epochs` epochs each that started their epochs at `starts`, the last ending
+        at `end`; `clock` 0: wall-clock seconds, 1: CPU seconds."""
+        bounds = [m[clock] for m in (*starts, end)]
         laps = [b - a for a, b in itertools.pairwise(bounds)]
         first, later = laps[::epochs], [lap for i, lap in enumerate(laps) if i % epochs]
-        return cls(sum(first) / len(first), sum(later) / len(later), end - starts[0])
+        return cls(sum(first) / len(first), sum(later) / len(later), bounds[-1] - bounds[0])
 
     def run_seconds(self, epochs: int) -> float:
         """One run (or one stacked phase) of `epochs` epochs: its first epoch once, then the later ones."""
         return self.first + (epochs - 1) * self.later
 
 
-def train_grid(cfg: CfgNode, frozen: FrozenFeatures, runs: list[Run], data: TaskData, save_ckpt: bool) -> list[float]:
-    """The stacked engine, as the protocol runs a phase; returns when each epoch started."""
-    starts: list[float] = []
+def train_grid(cfg: CfgNode, frozen: FrozenFeatures, runs: list[Run], data: TaskData, save_ckpt: bool,
+               recipe: Recipe | None = None) -> list[Mark]:
+    """The stacked engine, as the protocol runs a phase (`recipe`: the config's); returns when each epoch started."""
+    starts: list[Mark] = []
     jobs = [(r, TimedRecord(r, cfg, starts if i == 0 else [], save_ckpt=save_ckpt)) for i, r in enumerate(runs)]
-    ckpts = fit_grid(QuerySpec.from_cfg(cfg), frozen, jobs, Recipe.from_cfg(cfg), data, cfg.ENGINE.FUSED_KV_GIB)
+    ckpts = fit_grid(QuerySpec.from_cfg(cfg), frozen, jobs, recipe or Recipe.from_cfg(cfg), data, cfg.ENGINE.FUSED_KV_GIB)
     for (_, record), ckpt in zip(jobs, ckpts):
         record.finish(ckpt)
     return starts
 
 
 def train_reference(cfg: CfgNode, backbone: VisionTransformer, runs: list[Run], data: TaskData,
-                    save_ckpt: bool) -> list[float]:
-    """The reference loop (ENGINE.GRID False): each run alone, backbone at every step; returns when each
-    epoch of each run started."""
-    starts: list[float] = []
+                    save_ckpt: bool, recipe: Recipe | None = None) -> list[Mark]:
+    """The reference loop (ENGINE.GRID False): each run alone, backbone at every step (`recipe`: the
+    config's); returns when each epoch of each run started."""
+    starts: list[Mark] = []
     for r in runs:
-        model, record = VQT(backbone, QuerySpec.from_cfg(cfg)), TimedRecord(r, cfg, starts, save_ckpt=save_ckpt)
-        fit(model, r, Recipe.from_cfg(cfg), data, record)
+        model = VQT(backbone, QuerySpec.from_cfg(cfg), r.feat_ids)
+        record = TimedRecord(r, cfg, starts, save_ckpt=save_ckpt)
+        fit(model, r, recipe or Recipe.from_cfg(cfg), data, record)
         record.finish(model.trained_state())
     return starts
 
 
-def timed_test(a: argparse.Namespace, laps: list[tuple[float, float]]) -> SplitStream:
-    """The synthetic test set as a stream; appends (time of its first batch request, seconds to its end) to `laps`."""
+def timed_test(a: argparse.Namespace, laps: list[tuple[Mark, float]]) -> SplitStream:
+    """The synthetic test set as a stream; appends (its first batch request, wall seconds to its end) to `laps`."""
     test = synthetic(a.test_size, a.classes, 2)
 
     def batches() -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-        start = time.perf_counter()
+        start = now()
         for i in range(0, len(test), a.batch_size):
             yield test.images[i:i + a.batch_size], test.labels[i:i + a.batch_size]
-        laps.append((start, time.perf_counter() - start))
+        laps.append((start, time.perf_counter() - start[0]))
     return SplitStream(len(test), batches())
 
 
@@ -235,10 +245,10 @@ def fast_path(a: argparse.Namespace) -> dict:
                                 batch_size=a.batch_size)
         build = clock.lap()
         starts = train_grid(cfg, frozen, search_runs(cfg, a.grid), task_data(a, images, device, N_TRAIN), False)
-        search = Epochs.from_starts(starts, time.perf_counter(), a.epochs)
+        search = Epochs.from_marks(starts, now(), a.epochs)
         starts = train_grid(cfg, frozen, final_runs(cfg, len(FINAL_SEEDS)),
                             task_data(a, images, device, len(images), timed_test(a, test)), True)
-        finals = Epochs.from_starts(starts, test[0][0], a.epochs)
+        finals = Epochs.from_marks(starts, test[0][0], a.epochs)
         cache_bytes = frozen.kv.numel() * frozen.kv.element_size()
         frozen.close()
     return {"frozen_pass_s": build, "search": search, "finals": finals, "test_s": test[0][1],
@@ -253,10 +263,10 @@ def reference_path(a: argparse.Namespace) -> dict:
         cfg = make_cfg(a, out)
         starts = train_reference(cfg, backbone, search_runs(cfg, a.ref_configs),
                                  task_data(a, images, device, N_TRAIN), False)
-        search = Epochs.from_starts(starts, time.perf_counter(), a.epochs)
+        search = Epochs.from_marks(starts, now(), a.epochs)
         starts = train_reference(cfg, backbone, final_runs(cfg, 1),
                                  task_data(a, images, device, len(images), timed_test(a, test)), True)
-        finals = Epochs.from_starts(starts, test[0][0], a.epochs)
+        finals = Epochs.from_marks(starts, test[0][0], a.epochs)
     return {"search": search, "finals": finals, "test_s": test[0][1], "peak_bytes": mem.growth}
 
 

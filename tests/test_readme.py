@@ -1,6 +1,7 @@
 """The README's one-task examples, run offline on demo assets (tiny ViT, synthetic data, 2 epochs)."""
 from __future__ import annotations
 
+import csv
 import os
 import shlex
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_folder import CLASSES, write_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -63,3 +65,46 @@ def test_readme_launchers_then_train_py(demo):
     p = _run([sys.executable, *readme[1:], "--dont_search", *opts], env)  # the yaml says sgd: --optimizer wins
     assert "error" not in p.stderr
     assert _done_runs(Path(f"{out}_final") / name / feature) == finals  # finished runs are kept
+
+
+def _own_data_commands() -> list[str]:
+    """The command lines (continuations joined) of the README's "Use VQT on your own data" block."""
+    block = README.split("## Use VQT on your own data", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [cmd.split("#")[0].strip() for cmd in block.replace("\\\n", " ").splitlines() if cmd.strip()]
+
+
+def test_readme_own_data_commands(tmp_path):
+    """The three commands from a timm model name and an image folder to predictions, with the README's
+    model name. Offline: instead of the download, its weights (random values, timm's file format) are put
+    where the download puts them (the Hugging Face cache); 2 epochs at 28 px."""
+    download, train_cmd, predict_cmd = _own_data_commands()
+    assert shlex.split(download)[:3] == ["python", "scripts/download_weights.py", "--timm"]
+    name = shlex.split(download)[3]
+    assert f"MODEL.TIMM_NAME {name}" in train_cmd
+
+    import timm
+    from safetensors.torch import save_file
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    snapshot = tmp_path / "hf" / f"models--{cfg.hf_hub_id.replace('/', '--')}" / "snapshots" / "0" * 40
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    save_file(timm.create_model(name, pretrained=False, num_classes=0).state_dict(), snapshot / "model.safetensors")
+    write_folder_dataset(tmp_path / "my_images", {"train": 6, "test": 2})
+    write_folder_dataset(tmp_path / "new_photos", {"new": 1}, seed=1)
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def local(cmd: str) -> str:
+        for path in ("my_images", "runs/vqt", "new_photos/", "preds.csv"):
+            cmd = cmd.replace(f" {path}", f" {tmp_path / path}")
+        return cmd.replace("python ", f"{shlex.quote(sys.executable)} ", 1)
+
+    _run(["bash", "-c", local(train_cmd) + " DATA.CROPSIZE 28 SOLVER.TOTAL_EPOCH 2 SOLVER.WARMUP_EPOCH 1"], env)
+    p = _run(["bash", "-c", local(predict_cmd)], env)
+    with open(tmp_path / "preds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {Path(r["path"]).parent.name for r in rows} == set(CLASSES)
+    assert all({r[f"class{k}"] for k in (1, 2, 3)} == set(CLASSES) for r in rows)
+    assert all(abs(sum(float(r[f"prob{k}"]) for k in (1, 2, 3)) - 1) < 1e-3 for r in rows)
+    assert "error" not in p.stderr
