@@ -176,13 +176,16 @@ class FrozenFeatures:
 
     def _buffer(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reused (L, 2, rows, H, T, hd) buffer: fresh allocations of this size cost more in page
-        faults (CPU) than the gather itself. CPU buffers feeding a GPU are pinned with DATA.PIN_MEMORY."""
+        faults (CPU) than the gather itself. It is zero-filled when allocated: on the CPU the first
+        `index_select` into untouched pages took 25x longer than a gather into touched ones (4.9 s vs
+        0.2 s for 640 ViT-Ti rows, 2.3 GB), the fill 0.9 s. CPU buffers feeding a GPU are pinned with
+        DATA.PIN_MEMORY."""
         shape = (*self.kv.shape[:2], rows, *self.kv.shape[3:])
         numel = int(np.prod(shape))
         buf = self._buffers.get((dtype, device))
         if buf is None or buf.numel() < numel:
             pin = self.pin and device.type == "cpu"
-            self._buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device, pin_memory=pin)
+            self._buffers[(dtype, device)] = buf = torch.zeros(numel, dtype=dtype, device=device, pin_memory=pin)
         return buf[:numel].view(shape)
 
     @torch.no_grad()
