@@ -86,7 +86,7 @@ def test_readme_own_data_commands(tmp_path):
     from safetensors.torch import save_file
 
     cfg = timm.models.get_pretrained_cfg(name)
-    snapshot = tmp_path / "hf" / f"models--{cfg.hf_hub_id.replace('/', '--')}" / "snapshots" / "0" * 40
+    snapshot = tmp_path / "hf" / f"models--{cfg.hf_hub_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
