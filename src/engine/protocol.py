@@ -361,7 +361,8 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
     setup_logging()
     counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
-    get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
+    if cfg.DATA.SOURCE != "folder":  # a folder dataset's images per folder are logged as it is scanned
+        get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
     task = Task(cfg, overwrite)
     if cfg.DATA.SOURCE == "folder":  # class names for predict.py / scripts/export.py
         write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"), scan(cfg.DATA.DATAPATH).classes)
