@@ -260,7 +260,10 @@ def report(a: argparse.Namespace, m: dict) -> dict:
         ref_s, ratio = ("-", "-") if r["ratio"] is None else (f"{r['ref_s']:.2f}", f"{r['ratio']:.1f}x")
         print(f"{r['phase']:<11}{r['q']:>3}{ref_s:>9}{r['fast_s']:>9.3f}{ratio:>8}{r['flop_ratio']:>11.1f}x"
               f"{r['fast_gflop']:>12.1f}{r['bound_s']:>9.3f}{r['over_bound']:>11.2f}x{r['over_bound_cpu']:>11.2f}x")
-    if a.fast_only:
+    missing = sorted({t.q for t in DEMO_TASKS} - set(a.qs))
+    if a.fast_only or missing:
+        why = "--fast-only" if a.fast_only else f"Q={', '.join(map(str, missing))} not measured (--qs)"
+        print(f"\nno whole-table figures: {why}")
         return {"per_q": qs}
     rows = table(a, m)["rows"]
     print(f"\nwhole run_demo_exp.sh protocol, COMPUTED per task from the measurements ({EPOCHS} epochs: each run's "
