@@ -164,6 +164,14 @@ def now() -> Mark:
     return time.perf_counter(), time.process_time()
 
 
+def measured_epochs(text: str) -> int:
+    """The `--epochs` argument: at least 2, since a run's first epoch is timed apart from the later ones."""
+    epochs = int(text)
+    if epochs < 2:
+        raise argparse.ArgumentTypeError(f"{epochs}: at least 2 (a run's first epoch is timed apart from the later ones)")
+    return epochs
+
+
 class TimedRecord(RunRecord):
     """A run record that also notes, in the shared list `starts`, when each of its epochs starts."""
 
@@ -395,7 +403,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=2,
+    p.add_argument("--epochs", type=measured_epochs, default=2,
                    help="measured epochs of every run (both paths; at least 2: the first carries one-off costs)")
     p.add_argument("--full-epochs", type=int, default=100, help="epochs of the extrapolated full protocol")
     p.add_argument("--grid", type=int, default=20,
@@ -414,8 +422,6 @@ def main() -> None:
                    help="protocol: speed and memory of both paths; memory: VQT vs VPT-deep training step")
     p.add_argument("--json", help="also write every figure to this file")
     a = p.parse_args()
-    if a.epochs < 2:
-        p.error("--epochs must be at least 2: a run's first epoch is timed apart from the later ones")
     device = resolve_device(a.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"vqt protocol benchmark: arch {a.arch} at {a.img_size} px, Q={a.q}, {a.classes} classes, "

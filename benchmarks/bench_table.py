@@ -34,6 +34,7 @@ from bench_protocol import (
     Epochs,
     final_runs,
     make_cfg,
+    measured_epochs,
     now,
     search_runs,
     setup,
@@ -124,11 +125,10 @@ class Bench:
     def __init__(self, a: argparse.Namespace, out: str):
         self.a, self.out = a, out
         self.device, self.backbone, self.images = setup(a)
-        self.clock = Clock(self.device)
-        self.clock.lap()
+        clock = Clock(self.device)
         self.frozen = FrozenFeatures(self.backbone, self.images, a.img_size, self.device, cache=True,
                                      dtype=a.cache_dtype, batch_size=a.batch_size)
-        self.frozen_s = self.clock.lap()
+        self.frozen_s = clock.lap()
         if self.device.type == "cpu":
             retain_freed_memory()
 
@@ -212,8 +212,7 @@ def table(a: argparse.Namespace, m: dict) -> dict:
             for path, reference in (("ref", True), ("fast", False)):
                 r = m["phases"][f"{'reference' if reference else 'fast'}/{phase}/Q{q}"]
                 scale = fl.phase(phase, q, classes, reference) / fl.phase(phase, q, c0, reference)
-                run_s = r["wall"]["first"] + (EPOCHS - 1) * r["wall"]["later"]  # a run (or stacked group) of 100 epochs
-                row[f"{path}_s"] += n_cfg * scale * run_s / r["configs"]
+                row[f"{path}_s"] += n_cfg * scale * Epochs(**r["wall"]).run_seconds(EPOCHS) / r["configs"]
                 row[f"{path}_flops"] += EPOCHS * n_cfg * fl.phase(phase, q, classes, reference)
                 if phase != "search":  # test at the end: once per run (reference), once for all 5 runs (fast)
                     runs, members = (SEEDS, 1) if reference else (1, SEEDS)
@@ -287,7 +286,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--epochs", type=int, default=2,
+    p.add_argument("--epochs", type=measured_epochs, default=2,
                    help="measured epochs per phase (at least 2: the first carries one-off costs)")
     p.add_argument("--grid", type=int, default=4, help="search configs measured together on the fast path (of 20)")
     p.add_argument("--qs", type=int, nargs="+", default=sorted({t.q for t in DEMO_TASKS}), help="Q values measured")
@@ -300,8 +299,6 @@ def main() -> None:
                    help="measure the fast path only (its cost per config-epoch against its FLOP bound; no whole table)")
     p.add_argument("--json", help="also write every figure to this file")
     a = p.parse_args()
-    if a.epochs < 2:
-        p.error("--epochs must be at least 2: a run's first epoch is timed apart from the later ones")
     print(f"vqt whole-table benchmark: arch {a.arch} at {a.img_size} px, Q in {a.qs}, batch {a.batch_size}, "
           f"cache {a.cache_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}")

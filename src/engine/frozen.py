@@ -178,7 +178,7 @@ class FrozenFeatures:
         """A reused (L, 2, rows, H, T, hd) buffer: fresh allocations of this size cost more in page
         faults (CPU) than the gather itself. It is zero-filled when allocated: on the CPU the first
         `index_select` into untouched pages took 25x longer than a gather into touched ones (4.9 s vs
-        0.2 s for 640 ViT-Ti rows, 2.3 GB), the fill 0.9 s. CPU buffers feeding a GPU are pinned with
+        0.2 s for 640 ViT-Ti rows, 2.3 GB), the fill 0.6-3 s. CPU buffers feeding a GPU are pinned with
         DATA.PIN_MEMORY."""
         shape = (*self.kv.shape[:2], rows, *self.kv.shape[3:])
         numel = int(np.prod(shape))
