@@ -286,7 +286,7 @@ def vpt_deep_logits(backbone: VisionTransformer, x: torch.Tensor, prompts: torch
     p = prompts.shape[1]
     for i, blk in enumerate(backbone.blocks):
         patches = x[:, 1 + p:] if i else x[:, 1:]
-        x = blk(torch.cat([x[:, :1], prompts[i].expand(x.shape[0], -1, -1), patches], dim=1))[0]
+        x = blk(torch.cat([x[:, :1], prompts[i].expand(x.shape[0], -1, -1), patches], dim=1))
     return head(backbone.norm(x)[:, 0])
 
 

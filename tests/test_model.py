@@ -1,4 +1,5 @@
-"""The ViT backbone and its checkpoint loaders against timm, and VQT's query semantics against a masked-attention peer."""
+"""The ViT backbone (src/models/vit.py) and its checkpoint loaders against timm, and the query pass against a
+masked-attention peer."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ from src.models.checkpoints import (
     write_random_npz,
 )
 from src.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
-from src.models.vqt import Members, QuerySpec
 
 IMG = 32
 WRITERS = {"npz": write_random_npz, "mae": write_random_mae, "moco": write_random_moco}
@@ -128,27 +128,17 @@ def test_frozen_path_has_no_grad_path_to_queries(tmp_path, tiny_arch):
     torch.testing.assert_close(ours.frozen_pass(x)[0], feat, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("option", ["concat", "pooling", "weighted_sum", "feat_ids"])
-def test_pass_over_row_blocks_equals_one_pass_per_block(tmp_path, tiny_arch, option):
-    """`blocks=n`: row block j, seen only by member part j, gets the logits part j gives it alone."""
-    ours, _ = _pair(tmp_path, tiny_arch, "npz")
-    n, m, q, d, depth, b = 3, 2, 2, tiny_arch.embed_dim, tiny_arch.depth, 4
-    spec = QuerySpec(q, 5, pooling=option == "pooling", weighted_sum=option == "weighted_sum")
-    full = spec.feature_dim(d, depth)
-    ids = torch.stack([torch.randperm(full, generator=torch.Generator().manual_seed(g))[:full // 2]
-                       for g in range(n * m)]) if option == "feat_ids" else None
-    model = Members(ours, spec, list(range(n * m)), feat_ids=ids)
-    model.reset(torch.device("cpu"))
-    if model.combine is not None:
-        with torch.no_grad():
-            model.combine.uniform_(0.5, 1.5)
-    feat, kvs = ours.frozen_pass(_images(n * b))
-    fused = model(feat, kvs, blocks=n)
-    assert fused.shape == (n * b, m, 5)
-    for j in range(n):
-        rows = slice(j * b, (j + 1) * b)
-        alone = model(feat[rows], [(k[rows], v[rows]) for k, v in kvs], slice(j * m, (j + 1) * m))
-        torch.testing.assert_close(fused[rows], alone, atol=1e-5, rtol=1e-5)
+def test_block_forward_is_timms_and_forward_kv_adds_its_keys_values(tmp_path, tiny_arch):
+    ours, peer = _pair(tmp_path, tiny_arch, "npz")
+    h = torch.randn(2, 17, tiny_arch.embed_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for blk, ref in zip(ours.blocks, peer.blocks):
+            x, (y, k, v) = blk(h), blk.forward_kv(h)
+            torch.testing.assert_close(x, ref(h), rtol=0, atol=1e-5)
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
+            _, k_ref, v_ref = ref.attn.qkv(ref.norm1(h)).view(2, 17, 3, tiny_arch.num_heads, -1).permute(2, 0, 3, 1, 4)
+            assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+            h = x
 
 
 @pytest.mark.parametrize("fmt", ["npz", "mae", "moco"])

@@ -12,10 +12,11 @@ from src.configs.vit_configs import ViTArch
 from src.data.loader import ImageSet
 from src.data.preprocess import preprocess
 from src.engine.frozen import FrozenFeatures
+from src.engine.members import Members
 from src.errors import VQTError
 from src.models.checkpoints import write_random_npz
 from src.models.timm_backbone import build_timm_backbone, check_timm_name, image_config
-from src.models.vqt import VQT, Members, QuerySpec
+from src.models.vqt import VQT, QuerySpec
 
 SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 4}
 # family -> (timm name, image size, file format)

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from src.data.loader import ImageSet
 from src.data.preprocess import preprocess
+from src.engine.members import dropout_mask
 from src.errors import VQTError
 from src.models.vit import KV, VisionTransformer
-from src.models.vqt import dropout_mask
 from src.utils.logging import get_logger
 
 _CACHE_FILE = re.compile(r"vqt_cache_([A-Za-z0-9-]+)_(\d+)_[a-z0-9_]+\.bin")  # vqt_cache_<host>_<pid>_<random>.bin

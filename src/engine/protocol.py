@@ -1,8 +1,8 @@
 """The VQT protocol for one task: lr x wd search on train800/val200, best pick, 5 seeds on
 train800val200 with test at the last epoch, and the optional classifier compression stages.
 
-Every phase trains its runs on the stacked engine (`fit_grid`) when it can express them, else one by
-one on the reference loop (`fit`); both write the same run folders (`src.utils.layout`).
+Every phase trains its runs through `src.engine.train.train_phase`: on the stacked engine when it can
+express them, else one by one on the reference loop; both write the same run folders (`src.utils.layout`).
 """
 from __future__ import annotations
 
@@ -19,15 +19,14 @@ from src.configs.vit_configs import MODEL_ZOO, zoo_entry
 from src.data.folder import check_folder_classes, scan, write_classes
 from src.data.loader import ImageSet, check_classes, check_task_data, data_identity, load_split, stream_split
 from src.data.tasks import get_task
-from src.engine.fit import fit
 from src.engine.frozen import CacheDoesNotFit, FrozenFeatures
-from src.engine.grid import fit_grid
 from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
 from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
+from src.engine.train import Engine, train_phase
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone, image_config, weight_path
-from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
+from src.models.vqt import HEAD_B, HEAD_W, QuerySpec
 from src.utils.device import describe_device, resolve_device
 from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
 from src.utils.logging import environment, get_logger, setup_logging, task_log
@@ -215,18 +214,15 @@ class Task:
                     "(reused)")
         if not todo:
             return
-        data = self.data(train, test)
+        data, engine = self.data(train, test), self.engine()
+        train_phase([(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt)) for r in todo], recipe, data, engine)
+
+    def engine(self) -> Engine:
+        """The stacked engine on the task's frozen path, or the reference loop (ENGINE.GRID False, or a
+        spec the stack cannot express)."""
         if self.grid:
-            jobs = [(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt)) for r in todo]
-            ckpts = fit_grid(self.spec, self.frozen, jobs, recipe, data, self.cfg.ENGINE.FUSED_KV_GIB)
-            for (_, record), ckpt in zip(jobs, ckpts):
-                record.finish(ckpt)
-            return
-        for r in todo:
-            model = VQT(self.backbone, self.spec, r.feat_ids)
-            record = RunRecord(r, self.cfg, save_ckpt=save_ckpt)
-            fit(model, r, recipe, data, record)
-            record.finish(model.trained_state())
+            return Engine.stacked(self.spec, self.frozen, self.cfg.ENGINE.FUSED_KV_GIB)
+        return Engine.reference(self.spec, self.backbone)
 
     def close(self) -> None:
         if self._frozen is not None:

@@ -1,9 +1,9 @@
 """Frozen Vision Transformer split into the two paths of VQT, on timm's modules.
 
 `frozen_pass` runs the backbone on images and returns, per layer, the keys and values its own
-tokens attend over, plus the final feature. `Block.query` runs query tokens through a block:
-at layer l they read layer l's keys/values (the original tokens only), so the backbone's own
-tokens never see them. Keys/values do not depend on the query tokens, which is what makes the
+tokens attend over (`Block.forward_kv`), plus the final feature. `Block.query` runs query tokens
+through a block: at layer l they read layer l's keys/values (the original tokens only), so the
+backbone's own tokens never see them. Keys/values do not depend on the query tokens, which is what makes the
 frozen path cacheable.
 
 The backbone is a timm `VisionTransformer` taken apart: the model zoo's classic ViTs are built
@@ -40,8 +40,9 @@ class Unsupported(Exception):
 
 
 class Block(nn.Module):
-    """A timm `Block` whose forward also returns its keys/values, and that runs query tokens over
-    given keys/values (`query`). Holds the timm block's own modules under their names."""
+    """A timm `Block` (`forward(x) -> x`) that can also return the keys/values its tokens attend over
+    (`forward_kv`, the frozen pass) and run query tokens over given keys/values (`query`). Holds the
+    timm block's own modules under their names."""
 
     def __init__(self, blk: TimmBlock):
         super().__init__()
@@ -51,20 +52,22 @@ class Block(nn.Module):
         self.norm1, self.attn, self.ls1 = blk.norm1, attn, blk.ls1
         self.norm2, self.mlp, self.ls2 = blk.norm2, blk.mlp, blk.ls2
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.attn.num_heads, self.attn.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on tokens (B, N, D), as timm's."""
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def forward_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block on the backbone's tokens, also returning the keys (after k_norm) and values they
+        attended over: what this layer's query tokens read."""
+        o, k, v = self._self_attention(self.norm1(x))
+        return self._out(x, o), k, v
 
     def _out(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Residual attention output (heads (B, H, N, hd) merged, scale norm, proj, LayerScale) + MLP."""
         b, h, n, hd = o.shape
         x = x + self.ls1(self.attn.proj(self.attn.norm(o.transpose(1, 2).reshape(b, n, h * hd))))
         return x + self.ls2(self.mlp(self.norm2(x)))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The block on the backbone's tokens; also returns their keys (after k_norm) and values."""
-        o, k, v = self._self_attention(self.norm1(x))
-        return self._out(x, o), k, v
 
     def _self_attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention heads (B, H, N, hd) of normed tokens `h` over themselves, and their keys and values in
@@ -180,7 +183,7 @@ class VisionTransformer(nn.Module):
             x = x * embed_mask
         kvs = []
         for blk in self.blocks:
-            x, k, v = blk(x)
+            x, k, v = blk.forward_kv(x)
             kvs.append((k, v))
         return self.pool(x), kvs
 
