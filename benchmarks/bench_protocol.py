@@ -7,55 +7,56 @@ after the other, over a few epochs, extrapolated to the full protocol (100 epoch
 says which figures are measured and which are extrapolated. Also: training-step memory of VQT vs
 VPT-deep (prompts inside the backbone, backprop through every layer) on the same batch.
 
-    python benchmarks/bench_protocol.py                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~4 min)
-    python benchmarks/bench_protocol.py --arch b16 --device cuda --epochs 2
+    python -m benchmarks.bench_protocol                   # ViT-Ti/16 shapes at 224 px (2 CPU cores: ~4 min)
+    python -m benchmarks.bench_protocol --arch b16 --device cuda --epochs 2
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import gc
-import itertools
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from typing import Self
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from yacs.config import CfgNode
 
-from src.configs.defaults import load_cfg
-from src.configs.vit_configs import VIT_B16, ViTArch
-from src.data.loader import ImageSet
+from benchmarks.common import (
+    ARCHS,
+    N_TRAIN,
+    N_VAL,
+    RAW_SIZE,
+    Epochs,
+    GiB,
+    final_runs,
+    make_cfg,
+    measured_epochs,
+    now,
+    search_runs,
+    setup,
+    since,
+    task_data,
+    timed_test,
+    train,
+)
 from src.data.preprocess import preprocess
-from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
-from src.engine.grid import fit_grid
-from src.engine.protocol import FINAL_SEEDS, lr_wd_grid
-from src.engine.record import RunRecord
-from src.engine.runs import Recipe, Run, SplitStream, TaskData
-from src.models.checkpoints import load_backbone, write_random_npz
+from src.engine.members import Members
+from src.engine.protocol import FINAL_SEEDS
+from src.engine.train import Engine
+from src.models.checkpoints import write_random_npz
 from src.models.vit import VisionTransformer
-from src.models.vqt import VQT, Members, QuerySpec
+from src.models.vqt import QuerySpec
+from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
-from src.utils.layout import Layout
+from src.utils.heap import retain_freed_memory
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHS = {"tiny": ViTArch(16, 192, 12, 3, 768), "b16": VIT_B16}  # tiny: ViT-Ti/16 shapes
-N_TRAIN, N_VAL, RAW_SIZE = 800, 200, 64  # VTAB-1k train800 / val200; synthetic images are 64x64
-GiB = 2 ** 30
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 LIBC = ctypes.CDLL(None)
 
 
@@ -93,169 +94,20 @@ def _proc_status(key: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-class Clock:
-    """Wall-clock laps, synchronising CUDA first."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.last = time.perf_counter()
-
-    def lap(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt, self.last = now - self.last, now
-        return dt
-
-
-def synthetic(n: int, classes: int, seed: int) -> ImageSet:
-    """`n` noisy 64x64 uint8 images whose class sets their colour."""
-    rng = np.random.default_rng(seed)
-    colours = np.random.default_rng(0).integers(0, 256, (classes, 3)).astype(np.float32)
-    labels = rng.integers(0, classes, n)
-    noise = rng.standard_normal((n, RAW_SIZE, RAW_SIZE, 3), dtype=np.float32) * 40
-    images = np.clip(colours[labels, None, None] + noise, 0, 255).astype(np.uint8)
-    return ImageSet(list(images), labels.astype(np.int64))
-
-
-def setup(a: argparse.Namespace) -> tuple[torch.device, VisionTransformer, ImageSet]:
-    """Device, the backbone loaded from the random .npz, and train800 + val200 images."""
-    device = resolve_device(a.device)
-    backbone = VisionTransformer(ARCHS[a.arch], a.img_size)
-    load_backbone(backbone, a.ckpt, "npz")
-    return device, backbone.requires_grad_(False).eval().to(device), synthetic(N_TRAIN + N_VAL, a.classes, 1)
-
-
-def make_cfg(a: argparse.Namespace, out: str) -> CfgNode:
-    """The protocol's config for `a.epochs` epochs (no warm-up: it would not fit in a few epochs, and costs the same)."""
-    opts = {"DATA.NAME": "vtab-synthetic", "DATA.NUMBER_CLASSES": a.classes, "DATA.CROPSIZE": a.img_size,
-            "DATA.BATCH_SIZE": a.batch_size, "ENGINE.EVAL_BATCH_SIZE": a.batch_size, "SOLVER.OPTIMIZER": "adam",
-            "SOLVER.TOTAL_EPOCH": a.epochs, "SOLVER.WARMUP_EPOCH": 0, "MODEL.H2T.NUM_QUERY_TOKENS": a.q, "MODEL.H2T.DROPOUT": 0.1,
-            "OUTPUT_DIR": out}
-    return load_cfg(os.path.join(REPO, "configs/h2t-prompt/vtab.yaml"), [str(x) for kv in opts.items() for x in kv])
-
-
-def search_runs(cfg: CfgNode, n: int) -> list[Run]:
-    """The first `n` configs of the paper's Adam grid (cycled), lr scaled to the batch size as the protocol does."""
-    grid = itertools.islice(itertools.cycle(itertools.product(*lr_wd_grid("adam"))), n)
-    scale, layout = cfg.DATA.BATCH_SIZE / 256, Layout.from_cfg(cfg)
-    return [Run(layout.run("search", lr * scale, wd, i // 20 + 1), lr * scale, wd, cfg.SEED)
-            for i, (lr, wd) in enumerate(grid)]
-
-
-def final_runs(cfg: CfgNode, n: int) -> list[Run]:
-    """The first `n` final seeds, all with the first search config (the pick does not change the cost)."""
-    best = search_runs(cfg, 1)[0]
-    return [Run(Layout.from_cfg(cfg).run("final", best.lr, best.wd, k + 1), best.lr, best.wd, seed)
-            for k, seed in enumerate(FINAL_SEEDS[:n])]
-
-
-def task_data(a: argparse.Namespace, images: ImageSet, device: torch.device, train: int,
-              test: SplitStream | None = None) -> TaskData:
-    """train800 (or train800val200: `train` rows) and val200 of `images`, and the test stream if any."""
-    return TaskData(images, torch.arange(train), torch.arange(N_TRAIN, len(images)), a.img_size, device,
-                    None if test is None else lambda: test)
-
-
-Mark = tuple[float, float]  # (wall clock, CPU time of this process) in seconds
-
-
-def now() -> Mark:
-    return time.perf_counter(), time.process_time()
-
-
-def measured_epochs(text: str) -> int:
-    """The `--epochs` argument: at least 2, since a run's first epoch is timed apart from the later ones."""
-    epochs = int(text)
-    if epochs < 2:
-        raise argparse.ArgumentTypeError(f"{epochs}: at least 2 (a run's first epoch is timed apart from the later ones)")
-    return epochs
-
-
-class TimedRecord(RunRecord):
-    """A run record that also notes, in the shared list `starts`, when each of its epochs starts."""
-
-    def __init__(self, run: Run, cfg: CfgNode, starts: list[Mark], *, save_ckpt: bool):
-        super().__init__(run, cfg, save_ckpt=save_ckpt)
-        self.starts = starts
-
-    def epoch_start(self, epoch: int, epochs: int, lr: float) -> None:
-        self.starts.append(now())
-        super().epoch_start(epoch, epochs, lr)
-
-
-@dataclass
-class Epochs:
-    """A phase's measured training time: its runs' first epochs (mean), which carry their one-off costs
-    (allocating and faulting in buffers, optimizer state), their later epochs (mean), and the total."""
-
-    first: float
-    later: float
-    total: float
-
-    @classmethod
-    def from_marks(cls, starts: list[Mark], end: Mark, epochs: int, clock: int = 0) -> Epochs:
-        """Consecutive runs of `epochs` epochs each that started their epochs at `starts`, the last ending
-        at `end`; `clock` 0: wall-clock seconds, 1: CPU seconds."""
-        bounds = [m[clock] for m in (*starts, end)]
-        laps = [b - a for a, b in itertools.pairwise(bounds)]
-        first, later = laps[::epochs], [lap for i, lap in enumerate(laps) if i % epochs]
-        return cls(sum(first) / len(first), sum(later) / len(later), bounds[-1] - bounds[0])
-
-    def run_seconds(self, epochs: int) -> float:
-        """One run (or one stacked phase) of `epochs` epochs: its first epoch once, then the later ones."""
-        return self.first + (epochs - 1) * self.later
-
-
-def train_grid(cfg: CfgNode, frozen: FrozenFeatures, runs: list[Run], data: TaskData, save_ckpt: bool,
-               recipe: Recipe | None = None) -> list[Mark]:
-    """The stacked engine, as the protocol runs a phase (`recipe`: the config's); returns when each epoch started."""
-    starts: list[Mark] = []
-    jobs = [(r, TimedRecord(r, cfg, starts if i == 0 else [], save_ckpt=save_ckpt)) for i, r in enumerate(runs)]
-    ckpts = fit_grid(QuerySpec.from_cfg(cfg), frozen, jobs, recipe or Recipe.from_cfg(cfg), data, cfg.ENGINE.FUSED_KV_GIB)
-    for (_, record), ckpt in zip(jobs, ckpts):
-        record.finish(ckpt)
-    return starts
-
-
-def train_reference(cfg: CfgNode, backbone: VisionTransformer, runs: list[Run], data: TaskData,
-                    save_ckpt: bool, recipe: Recipe | None = None) -> list[Mark]:
-    """The reference loop (ENGINE.GRID False): each run alone, backbone at every step (`recipe`: the
-    config's); returns when each epoch of each run started."""
-    starts: list[Mark] = []
-    for r in runs:
-        model = VQT(backbone, QuerySpec.from_cfg(cfg), r.feat_ids)
-        record = TimedRecord(r, cfg, starts, save_ckpt=save_ckpt)
-        fit(model, r, recipe or Recipe.from_cfg(cfg), data, record)
-        record.finish(model.trained_state())
-    return starts
-
-
-def timed_test(a: argparse.Namespace, laps: list[tuple[Mark, float]]) -> SplitStream:
-    """The synthetic test set as a stream; appends (its first batch request, wall seconds to its end) to `laps`."""
-    test = synthetic(a.test_size, a.classes, 2)
-
-    def batches() -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
-        start = now()
-        for i in range(0, len(test), a.batch_size):
-            yield test.images[i:i + a.batch_size], test.labels[i:i + a.batch_size]
-        laps.append((start, time.perf_counter() - start[0]))
-    return SplitStream(len(test), batches())
-
-
 def fast_path(a: argparse.Namespace) -> dict:
     """Cached frozen pass, the whole search grid together, the 5 finals together with the test streamed once."""
     device, backbone, images = setup(a)
     test = []
     with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
-        cfg, clock = make_cfg(a, out), Clock(device)
+        cfg, start = make_cfg(a, out), now()
         frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=True, dtype=a.cache_dtype,
                                 batch_size=a.batch_size)
-        build = clock.lap()
-        starts = train_grid(cfg, frozen, search_runs(cfg, a.grid), task_data(a, images, device, N_TRAIN), False)
+        build = since(start)
+        grid = Engine.stacked(QuerySpec.from_cfg(cfg), frozen, cfg.ENGINE.FUSED_KV_GIB)
+        starts = train(cfg, grid, search_runs(cfg, a.grid), task_data(a, images, device, N_TRAIN), False)
         search = Epochs.from_marks(starts, now(), a.epochs)
-        starts = train_grid(cfg, frozen, final_runs(cfg, len(FINAL_SEEDS)),
-                            task_data(a, images, device, len(images), timed_test(a, test)), True)
+        starts = train(cfg, grid, final_runs(cfg, len(FINAL_SEEDS)),
+                       task_data(a, images, device, len(images), timed_test(a, test)), True)
         finals = Epochs.from_marks(starts, test[0][0], a.epochs)
         cache_bytes = frozen.kv.numel() * frozen.kv.element_size()
         frozen.close()
@@ -269,11 +121,11 @@ def reference_path(a: argparse.Namespace) -> dict:
     test = []
     with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
         cfg = make_cfg(a, out)
-        starts = train_reference(cfg, backbone, search_runs(cfg, a.ref_configs),
-                                 task_data(a, images, device, N_TRAIN), False)
+        ref = Engine.reference(QuerySpec.from_cfg(cfg), backbone)
+        starts = train(cfg, ref, search_runs(cfg, a.ref_configs), task_data(a, images, device, N_TRAIN), False)
         search = Epochs.from_marks(starts, now(), a.epochs)
-        starts = train_reference(cfg, backbone, final_runs(cfg, 1),
-                                 task_data(a, images, device, len(images), timed_test(a, test)), True)
+        starts = train(cfg, ref, final_runs(cfg, 1), task_data(a, images, device, len(images), timed_test(a, test)),
+                       True)
         finals = Epochs.from_marks(starts, test[0][0], a.epochs)
     return {"search": search, "finals": finals, "test_s": test[0][1], "peak_bytes": mem.growth}
 
@@ -302,10 +154,10 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
     else:
         prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
         head = nn.Linear(d, a.classes).to(device)
-    if device.type == "cpu":  # glibc keeps freed blocks below its (adaptive) mmap threshold: pin it to 1 MiB
-        LIBC.mallopt(M_MMAP_THRESHOLD, 2 ** 20)  # so that the resident set follows the live tensors
+    if device.type == "cpu":  # the allocator setting training runs under (freed memory kept in the heap)
+        retain_freed_memory()
     with PeakMemory(device) as mem:
-        clock = Clock(device)
+        start = now()
         if method == "vqt":
             feat, kvs, y = frozen.batch(idx)  # frozen pass under no_grad, as the uncached path
             logits = model(feat, kvs, train=True)[:, 0]
@@ -314,7 +166,7 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
             y = torch.as_tensor(images.labels[idx.numpy()], device=device)
             logits = vpt_deep_logits(backbone, x, prompts, head)
         F.cross_entropy(logits, y).backward()
-        seconds = clock.lap()
+        seconds = since(start)
     return {"peak_bytes": mem.growth, "step_s": seconds}
 
 
@@ -396,11 +248,11 @@ def report_memory(a: argparse.Namespace) -> dict:
 def memory_kind(a: argparse.Namespace, step: bool) -> str:
     if resolve_device(a.device).type == "cuda":
         return "CUDA max_memory_allocated"
-    return "resident-set high-water mark" + (", a fresh process each, glibc mmap threshold 1 MiB" if step else "")
+    return "resident-set high-water mark" + (", a fresh process each" if step else "")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--epochs", type=measured_epochs, default=2,

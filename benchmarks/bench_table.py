@@ -8,29 +8,25 @@ every task's phases from its Q, class count and real test size (src.data.tasks),
 time scaled by the FLOPs of the task's phase over the FLOPs of the measured one (linear in configs,
 images and head size; a run of 100 epochs = its first epoch + 99 later ones), and the FLOPs of both paths.
 
-    python benchmarks/bench_table.py                  # ViT-Ti/16 shapes, 224 px, CPU (2 idle cores: ~25 min)
-    python benchmarks/bench_table.py --arch b16 --device cuda --grid 20 --test-size 2048
-    python benchmarks/bench_table.py --arch b16 --qs 20 --grid 2 --fast-only   # Q=20 vs its FLOP bound, ViT-B/16 shapes
+    python -m benchmarks.bench_table                  # ViT-Ti/16 shapes, 224 px, CPU (2 idle cores: ~25 min)
+    python -m benchmarks.bench_table --arch b16 --device cuda --grid 20 --test-size 2048
+    python -m benchmarks.bench_table --arch b16 --qs 20 --grid 2 --fast-only   # Q=20 vs its FLOP bound, ViT-B/16 shapes
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
-from bench_protocol import (
+
+from benchmarks.common import (
     ARCHS,
     N_TRAIN,
     N_VAL,
-    Clock,
     Epochs,
     final_runs,
     make_cfg,
@@ -38,20 +34,20 @@ from bench_protocol import (
     now,
     search_runs,
     setup,
+    since,
     task_data,
     timed_test,
-    train_grid,
-    train_reference,
+    train,
 )
-
 from src.configs.vit_configs import ViTArch
 from src.data.tasks import TEST_SIZES
 from src.engine.frozen import FrozenFeatures
 from src.engine.protocol import FINAL_SEEDS
 from src.engine.runs import Recipe, Run
+from src.engine.train import Engine
 from src.models.checkpoints import write_random_npz
-from src.models.vqt import QUERY_KEY
-from src.utils.heap import retain_freed_memory
+from src.models.vqt import QUERY_KEY, QuerySpec
+from src.utils.cli import HelpFormatter
 from src.utils.sweep import DEMO_TASKS
 
 EPOCHS, CONFIGS, SEEDS = 100, 20, len(FINAL_SEEDS)
@@ -125,12 +121,10 @@ class Bench:
     def __init__(self, a: argparse.Namespace, out: str):
         self.a, self.out = a, out
         self.device, self.backbone, self.images = setup(a)
-        clock = Clock(self.device)
+        start = now()
         self.frozen = FrozenFeatures(self.backbone, self.images, a.img_size, self.device, cache=True,
                                      dtype=a.cache_dtype, batch_size=a.batch_size)
-        self.frozen_s = clock.lap()
-        if self.device.type == "cpu":
-            retain_freed_memory()
+        self.frozen_s = since(start)
 
     def cfg(self, q: int, tag: str):
         ns = argparse.Namespace(**{**vars(self.a), "q": q})
@@ -151,10 +145,10 @@ class Bench:
         laps: list = []
         test = None if phase == "search" else timed_test(self.a, laps)
         data = task_data(self.a, self.images, self.device, N_TRAIN if phase == "search" else N_ALL, test)
-        if reference:
-            starts = train_reference(cfg, self.backbone, runs, data, False, recipe)
-        else:
-            starts = train_grid(cfg, self.frozen, runs, data, False, recipe)
+        spec = QuerySpec.from_cfg(cfg)
+        engine = Engine.reference(spec, self.backbone) if reference else \
+            Engine.stacked(spec, self.frozen, cfg.ENGINE.FUSED_KV_GIB)
+        starts = train(cfg, engine, runs, data, False, recipe)
         end = laps[0][0] if laps else now()
         e = self.a.epochs
         return {"configs": len(runs), "wall": vars(Epochs.from_marks(starts, end, e)),
@@ -164,13 +158,12 @@ class Bench:
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> tuple[float, float]:
     """Sustained fp32 GFLOP/s of an n x n x n torch.mm: per wall second and per CPU second of this process."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    clock = Clock(device)
     a @ b
-    clock.lap()
-    cpu = time.process_time()
+    start = now()
     for _ in range(reps):
         a @ b
-    wall, cpu = clock.lap(), time.process_time() - cpu
+    end = now()
+    wall, cpu = end[0] - start[0], end[1] - start[1]
     flops = reps * 2 * n ** 3
     return flops / wall / 1e9, flops / cpu / 1e9
 
@@ -187,7 +180,8 @@ def measure(a: argparse.Namespace, qs: list[int]) -> dict:
                     key = f"{'reference' if reference else 'fast'}/{phase}/Q{q}"
                     figures["phases"][key] = r = bench.run(reference, q, phase)
                     w, c = r["wall"], r["cpu"]
-                    print(f"  measured {key:<24} {r['configs']:>2} configs x {a.epochs} epochs: first {w['first']:7.1f} s "
+                    print(f"  measured {key:<24} {r['configs']:>2} configs x {a.epochs} epochs: "
+                          f"first {w['first']:7.1f} s "
                           f"(CPU {c['first']:.1f} s), later {w['later']:7.1f} s/epoch (CPU {c['later']:.1f} s), "
                           f"test {a.test_size} images {r['test_s']:6.1f} s", flush=True)
         figures["matmul_gflops_after"] = matmul_gflops(bench.device)
@@ -283,7 +277,7 @@ def report(a: argparse.Namespace, m: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--epochs", type=measured_epochs, default=2,

@@ -28,23 +28,22 @@ def write_digits(folder: str) -> None:
     its 0..16 grey levels), split 60/20/20 per class in a fixed random order (seed 0). Kept if present."""
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    from src.data.digits import digit_images
 
     if os.path.isdir(os.path.join(folder, "test")):
         return
-    digits = load_digits()
+    images, labels = digit_images(PNG_SIZE)
     rng = np.random.default_rng(0)
     for label in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.target == label))
+        idx = rng.permutation(np.flatnonzero(labels == label))
         n_train, n_val = round(SPLIT["train"] * len(idx)), round(SPLIT["val"] * len(idx))
         parts = {"train": idx[:n_train], "val": idx[n_train:n_train + n_val], "test": idx[n_train + n_val:]}
         for part, rows in parts.items():
             out = os.path.join(folder, part, str(label))
             os.makedirs(out, exist_ok=True)
             for i in rows:
-                grey = Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8))
-                grey.resize((PNG_SIZE, PNG_SIZE), Image.Resampling.BILINEAR).convert("RGB").save(
-                    os.path.join(out, f"{i:04d}.png"))
+                Image.fromarray(images[i]).save(os.path.join(out, f"{i:04d}.png"))
 
 
 def test_accuracies(output_dir: str) -> list[float]:

@@ -3,16 +3,18 @@ measured by running them, see benchmarks/README.md), and their epoch accounting 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import pytest
 
-from bench_protocol import Epochs
-from bench_table import PHASES, report
+from benchmarks.bench_table import PHASES, report
+from benchmarks.common import Epochs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_first_epochs_are_timed_apart_from_later_ones():
@@ -26,7 +28,7 @@ def test_first_epochs_are_timed_apart_from_later_ones():
 
 def _run(script: str, *args: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{script}.json"
-    p = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--img-size", "32", "--test-size", "16",
+    p = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--img-size", "32", "--test-size", "16",
                         "--grid", "2", "--json", str(out), *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -49,3 +51,12 @@ def test_bench_table_runs(tmp_path):
     a.qs = [1, 10, 20]
     figures = report(a, m)
     assert len(figures["tasks"]) == 19 and figures["total"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("script", ["bench_protocol", "bench_table", "bench_cache_dtype"])
+def test_help_shows_the_whole_docstring(script):
+    module = importlib.import_module(f"benchmarks.{script}")
+    p = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert " ".join(module.__doc__.split()) in " ".join(p.stdout.split())

@@ -126,7 +126,8 @@ def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
 
 def test_disk_cache_on_a_full_disk_is_one_clear_error(backbone, images, tmp_path, monkeypatch):
     folder = tmp_path / "cache"
-    monkeypatch.setattr(frozen_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    monkeypatch.setattr(frozen_mod.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
     with pytest.raises(VQTError) as info:
         FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk", scratch_dir=str(folder))
     msg = str(info.value)

@@ -97,7 +97,8 @@ def test_tensorboard_scalars(backbone, images, tmp_path):
 
 def test_tf32_and_bf16_autocast_switches(backbone, images, tmp_path):
     """ENGINE.TF32 changes nothing on the CPU (the grid still equals the fp32 reference loop) and is
-    restored after; ENGINE.AUTOCAST bf16 trains within bf16 rounding of the fp32 reference (drift measured in benchmarks/README.md)."""
+    restored after; ENGINE.AUTOCAST bf16 trains within bf16 rounding of the fp32 reference (drift measured in
+    benchmarks/README.md)."""
     spec = [(0.05, 0.0, 5)]
     ref, _ = _train(_cfg(), backbone, images, spec, tmp_path / "fp32", grid=False)
     tf32, _ = _train(_cfg(**{"ENGINE.TF32": True}), backbone, images, spec, tmp_path / "tf32")

@@ -90,7 +90,8 @@ def test_grid_equals_reference(tmp_path, tiny_backbone, colour_images, case):
 def test_grid_equals_reference_uncached_with_embedding_dropout(tmp_path, tiny_arch, tiny_backbone, colour_images):
     cfg = _cfg()
     spec = QuerySpec(2, 4, dropout=0.1)
-    _assert_equal(*_both(tmp_path, tiny_backbone, spec, Recipe.from_cfg(cfg), cfg, images=colour_images, embed_dropout=0.1))
+    _assert_equal(*_both(tmp_path, tiny_backbone, spec, Recipe.from_cfg(cfg), cfg, images=colour_images,
+                         embed_dropout=0.1))
 
 
 def _starts(arch, n):
@@ -118,8 +119,8 @@ def test_grid_equals_reference_featselect(tmp_path, tiny_arch, tiny_backbone, co
     full = spec.feature_dim(arch.embed_dim, arch.depth)
     ids = [torch.randperm(full, generator=torch.Generator().manual_seed(i))[:full // 3] for i in range(len(RUNS))]
     recipe = Recipe.from_cfg(cfg, freeze_queries=True)
-    grid, alone = _both(tmp_path, tiny_backbone, spec, recipe, cfg, images=colour_images, start=_starts(arch, len(RUNS)),
-                         feat_ids=ids)
+    grid, alone = _both(tmp_path, tiny_backbone, spec, recipe, cfg, images=colour_images,
+                        start=_starts(arch, len(RUNS)), feat_ids=ids)
     _assert_equal(grid, alone)
     assert grid[0][HEAD_W].shape == (4, full // 3)
 

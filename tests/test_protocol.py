@@ -290,3 +290,23 @@ def test_a_cache_that_fits_nowhere_falls_back_to_the_uncached_grid(assets, tmp_p
     over = ["ENGINE.CACHE_LOCATION", "disk", "ENGINE.CACHE", "on"]
     assert train.main(_args(assets, str(tmp_path / "on"), "--lr", "0.07", "--wd", "0.001", over=over)) == 2
     assert "error: the frozen-path disk cache needs" in capsys.readouterr().err
+
+
+def test_the_reference_loop_gives_the_grids_results(assets, finished, tmp_path):
+    """The whole protocol (search, pick, finals with test) with ENGINE.GRID False: every run's results,
+    the pick and the finals' test logits equal the stacked engine's (to the grid-vs-reference tolerance)."""
+    out = str(tmp_path / "VQTSup_2_adam")
+    assert train.main(_args(assets, out, "--optimizer", "adam", over=["ENGINE.GRID", "False"])) == 0
+    for suffix in ("_val", "_final"):
+        runs = _runs(out, suffix)
+        assert runs == _runs(finished, suffix) and len(runs) == (20 if suffix == "_val" else 5)
+        for run in runs:
+            ref, grid = (_results(os.path.join(_task_dir(o, suffix), run)) for o in (out, finished))
+            assert ref.keys() == grid.keys()
+            for epoch, res in ref.items():
+                for split, metrics in res["classification"].items():
+                    assert metrics == pytest.approx(grid[epoch]["classification"][split], abs=1e-5), (run, epoch)
+    for run in _runs(out, "_final"):
+        ref, grid = (torch.load(os.path.join(_task_dir(o, "_final"), run, f"test_{NAME}_logits.pth"),
+                                weights_only=True)["joint_logits"] for o in (out, finished))
+        torch.testing.assert_close(ref, grid, atol=1e-5, rtol=1e-5)

@@ -67,7 +67,8 @@ class CacheDoesNotFit(VQTError):
         half = ", set ENGINE.CACHE_DTYPE bfloat16 (half the size)" if dtype == torch.float32 else ""
         super().__init__(f"the frozen-path disk cache needs {nbytes / 2**30:.2f} GiB in {folder} but "
                          f"{free / 2**30:.2f} GiB are free{f' ({reason})' if reason else ''}: free space there{half}, "
-                         "set ENGINE.CACHE off, or point OUTPUT_DIR at a larger disk (the cache goes to OUTPUT_DIR_cache)")
+                         "set ENGINE.CACHE off, or point OUTPUT_DIR at a larger disk (the cache goes to "
+                         "OUTPUT_DIR_cache)")
 
 
 def disk_cache(shape: tuple[int, ...], dtype: torch.dtype, folder: str) -> torch.Tensor:
@@ -165,7 +166,8 @@ class FrozenFeatures:
         self.kv = self._storage((bb.depth, 2, n, heads, bb.num_tokens, d // heads), dtype, location, scratch_dir)
         batches = ((self.images.images[i:i + batch_size], None) for i in range(0, n, batch_size))
         start = 0
-        for feat, kvs, _ in tqdm(frozen_batches(bb, batches, self.size, self.device), desc=f"frozen pass of {n} images (cache): batch",
+        for feat, kvs, _ in tqdm(frozen_batches(bb, batches, self.size, self.device),
+                                 desc=f"frozen pass of {n} images (cache): batch",
                                  total=-(-n // batch_size), leave=False):
             end = start + feat.shape[0]
             self.feat[start:end] = feat
@@ -176,10 +178,8 @@ class FrozenFeatures:
 
     def _buffer(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reused (L, 2, rows, H, T, hd) buffer: fresh allocations of this size cost more in page
-        faults (CPU) than the gather itself. It is zero-filled when allocated: on the CPU the first
-        `index_select` into untouched pages took 25x longer than a gather into touched ones (4.9 s vs
-        0.2 s for 640 ViT-Ti rows, 2.3 GB), the fill 0.6-3 s. CPU buffers feeding a GPU are pinned with
-        DATA.PIN_MEMORY."""
+        faults (CPU) than the gather itself. It is zero-filled when allocated, so that gathers write into
+        touched pages (benchmarks/README.md). CPU buffers feeding a GPU are pinned with DATA.PIN_MEMORY."""
         shape = (*self.kv.shape[:2], rows, *self.kv.shape[3:])
         numel = int(np.prod(shape))
         buf = self._buffers.get((dtype, device))
@@ -201,7 +201,7 @@ class FrozenFeatures:
                 self._copy_done = None
             kv = self._buffer(len(idx), self.kv.dtype, self.kv.device)
             # rows of a (L * 2, N, H * T * hd) view: one contiguous block each (index_select along dim 2 of
-            # the 6-d cache copies element by element, 19x slower on the CPU)
+            # the 6-d cache copies element by element: benchmarks/README.md)
             flat = self.kv.view(-1, self.kv.shape[2], kv[0, 0, 0].numel())
             torch.index_select(flat, 1, idx.to(self.kv.device), out=kv.view(flat.shape[0], len(idx), -1))
             if (kv.dtype, kv.device) != (torch.float32, self.device):

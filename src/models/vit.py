@@ -48,7 +48,8 @@ class Block(nn.Module):
         super().__init__()
         attn = blk.attn
         if type(attn) is not TimmAttention or attn.gate is not None:
-            raise Unsupported(f"attention {type(attn).__name__} (gated or not timm's Attention); supported: {SUPPORTED}")
+            raise Unsupported(f"attention {type(attn).__name__} (gated or not timm's Attention); "
+                              f"supported: {SUPPORTED}")
         self.norm1, self.attn, self.ls1 = blk.norm1, attn, blk.ls1
         self.norm2, self.mlp, self.ls2 = blk.norm2, blk.mlp, blk.ls2
 

@@ -46,13 +46,14 @@ class QuerySpec:
 
     @property
     def stackable(self) -> bool:
-        """Whether the stacked engine (`src.engine.members.Members`) computes this spec (it packs runs into the token axis, which is exact only
-        while query tokens never attend to query tokens)."""
+        """Whether the stacked engine (`src.engine.members.Members`) computes this spec (it packs runs
+        into the token axis, which is exact only while query tokens never attend to query tokens)."""
         return not self.attend_queries
 
     def feature_dim(self, dim: int, depth: int) -> int:
         """Head input size: the final-feature block plus one block per layer."""
-        per_layer = 0 if self.num_queries == 0 else dim if (self.pooling or self.weighted_sum) else dim * self.num_queries
+        q = self.num_queries
+        per_layer = 0 if q == 0 else dim if (self.pooling or self.weighted_sum) else dim * q
         return dim + depth * per_layer
 
 
@@ -111,7 +112,8 @@ class VQT(nn.Module):
         """Images (B, 3, H, W) -> head input (B, F)."""
         bb = self.backbone
         x = bb.pos_drop(bb.embed(images))
-        queries = None if self.query_tokens is None else self.query_dropout(self.query_tokens.expand(len(x), -1, -1, -1))
+        queries = None if self.query_tokens is None else \
+            self.query_dropout(self.query_tokens.expand(len(x), -1, -1, -1))
         outs = []
         for i, blk in enumerate(bb.blocks):
             x, k, v = blk.forward_kv(x)

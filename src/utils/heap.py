@@ -1,10 +1,10 @@
 """Keep freed CPU memory in the process's heap (glibc), so that large tensors reuse it.
 
 glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it when freed: each
-training step's large activations are then page-faulted (and zeroed by the kernel) again. On
-ViT-Ti shapes at Q=20 with 20 runs stacked, that was 8.9 million page faults and 44 % of a
-step's CPU time. Serving them from the heap and never trimming it removes that cost; the peak
-resident memory stays what it was, but it is not returned to the OS until the process ends.
+training step's large activations are then page-faulted (and zeroed by the kernel) again (measured
+in benchmarks/README.md). Serving them from the heap and never trimming it removes that cost; the
+peak resident memory stays what it was, but it is not returned to the OS until the process ends.
+`src.engine.train.train_phase` sets it for CPU training.
 """
 from __future__ import annotations
 

@@ -1,0 +1,149 @@
+"""What the benchmarks share: the one timer (`now`), epoch accounting (`Epochs`), the synthetic task
+(backbone from a random .npz, train800 + val200 + test images, the protocol's config and runs) and
+`train`, which trains a phase through `src.engine.train.train_phase` as the protocol does."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from yacs.config import CfgNode
+
+from src.configs.defaults import load_cfg
+from src.configs.vit_configs import VIT_B16, ViTArch
+from src.data.loader import ImageSet
+from src.engine.protocol import FINAL_SEEDS, lr_wd_grid
+from src.engine.record import RunRecord
+from src.engine.runs import Recipe, Run, SplitStream, TaskData
+from src.engine.train import Engine, train_phase
+from src.models.checkpoints import load_backbone
+from src.models.vit import VisionTransformer
+from src.utils.device import resolve_device
+from src.utils.layout import Layout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = {"tiny": ViTArch(16, 192, 12, 3, 768), "b16": VIT_B16}  # tiny: ViT-Ti/16 shapes
+N_TRAIN, N_VAL, RAW_SIZE = 800, 200, 64  # VTAB-1k train800 / val200; synthetic images are 64x64
+GiB = 2 ** 30
+Mark = tuple[float, float]  # (wall clock, CPU time of this process) in seconds
+
+
+def now() -> Mark:
+    """The time, once the GPU's queued work (if any) is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Mark) -> float:
+    """Wall-clock seconds from `start` to `now()`."""
+    return now()[0] - start[0]
+
+
+def measured_epochs(text: str) -> int:
+    """The `--epochs` argument: at least 2, since a run's first epoch is timed apart from the later ones."""
+    epochs = int(text)
+    if epochs < 2:
+        raise argparse.ArgumentTypeError(
+            f"{epochs}: at least 2 (a run's first epoch is timed apart from the later ones)")
+    return epochs
+
+
+@dataclass
+class Epochs:
+    """A phase's measured training time: its runs' first epochs (mean), which carry their one-off costs
+    (allocating and faulting in buffers, optimizer state), their later epochs (mean), and the total."""
+
+    first: float
+    later: float
+    total: float
+
+    @classmethod
+    def from_marks(cls, starts: list[Mark], end: Mark, epochs: int, clock: int = 0) -> Epochs:
+        """Consecutive runs of `epochs` epochs each that started their epochs at `starts`, the last ending
+        at `end`; `clock` 0: wall-clock seconds, 1: CPU seconds."""
+        bounds = [m[clock] for m in (*starts, end)]
+        laps = [b - a for a, b in itertools.pairwise(bounds)]
+        first, later = laps[::epochs], [lap for i, lap in enumerate(laps) if i % epochs]
+        return cls(sum(first) / len(first), sum(later) / len(later), bounds[-1] - bounds[0])
+
+    def run_seconds(self, epochs: int) -> float:
+        """One run (or one stacked phase) of `epochs` epochs: its first epoch once, then the later ones."""
+        return self.first + (epochs - 1) * self.later
+
+
+def synthetic(n: int, classes: int, seed: int) -> ImageSet:
+    """`n` noisy 64x64 uint8 images whose class sets their colour."""
+    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(0).integers(0, 256, (classes, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    noise = rng.standard_normal((n, RAW_SIZE, RAW_SIZE, 3), dtype=np.float32) * 40
+    images = np.clip(colours[labels, None, None] + noise, 0, 255).astype(np.uint8)
+    return ImageSet(list(images), labels.astype(np.int64))
+
+
+def setup(a: argparse.Namespace) -> tuple[torch.device, VisionTransformer, ImageSet]:
+    """Device, the backbone loaded from the random .npz `a.ckpt`, and train800 + val200 images."""
+    device = resolve_device(a.device)
+    backbone = VisionTransformer(ARCHS[a.arch], a.img_size)
+    load_backbone(backbone, a.ckpt, "npz")
+    return device, backbone.requires_grad_(False).eval().to(device), synthetic(N_TRAIN + N_VAL, a.classes, 1)
+
+
+def make_cfg(a: argparse.Namespace, out: str) -> CfgNode:
+    """The protocol's config for `a.epochs` epochs (no warm-up: it would not fit in a few epochs, and costs the
+    same)."""
+    opts = {"DATA.NAME": "vtab-synthetic", "DATA.NUMBER_CLASSES": a.classes, "DATA.CROPSIZE": a.img_size,
+            "DATA.BATCH_SIZE": a.batch_size, "ENGINE.EVAL_BATCH_SIZE": a.batch_size, "SOLVER.OPTIMIZER": "adam",
+            "SOLVER.TOTAL_EPOCH": a.epochs, "SOLVER.WARMUP_EPOCH": 0, "MODEL.H2T.NUM_QUERY_TOKENS": a.q,
+            "MODEL.H2T.DROPOUT": 0.1, "OUTPUT_DIR": out}
+    return load_cfg(os.path.join(REPO, "configs/h2t-prompt/vtab.yaml"), [str(x) for kv in opts.items() for x in kv])
+
+
+def search_runs(cfg: CfgNode, n: int) -> list[Run]:
+    """The first `n` configs of the paper's Adam grid (cycled), lr scaled to the batch size as the protocol does."""
+    grid = itertools.islice(itertools.cycle(itertools.product(*lr_wd_grid("adam"))), n)
+    scale, layout = cfg.DATA.BATCH_SIZE / 256, Layout.from_cfg(cfg)
+    return [Run(layout.run("search", lr * scale, wd, i // 20 + 1), lr * scale, wd, cfg.SEED)
+            for i, (lr, wd) in enumerate(grid)]
+
+
+def final_runs(cfg: CfgNode, n: int) -> list[Run]:
+    """The first `n` final seeds, all with the first search config (the pick does not change the cost)."""
+    best = search_runs(cfg, 1)[0]
+    return [Run(Layout.from_cfg(cfg).run("final", best.lr, best.wd, k + 1), best.lr, best.wd, seed)
+            for k, seed in enumerate(FINAL_SEEDS[:n])]
+
+
+def task_data(a: argparse.Namespace, images: ImageSet, device: torch.device, train: int,
+              test: SplitStream | None = None) -> TaskData:
+    """train800 (or train800val200: `train` rows) and val200 of `images`, and the test stream if any."""
+    return TaskData(images, torch.arange(train), torch.arange(N_TRAIN, len(images)), a.img_size, device,
+                    None if test is None else lambda: test)
+
+
+def timed_test(a: argparse.Namespace, laps: list[tuple[Mark, float]]) -> SplitStream:
+    """The synthetic test set as a stream; appends (its first batch request, wall seconds to its end) to `laps`."""
+    test = synthetic(a.test_size, a.classes, 2)
+
+    def batches() -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+        start = now()
+        for i in range(0, len(test), a.batch_size):
+            yield test.images[i:i + a.batch_size], test.labels[i:i + a.batch_size]
+        laps.append((start, since(start)))
+    return SplitStream(len(test), batches())
+
+
+def train(cfg: CfgNode, engine: Engine, runs: list[Run], data: TaskData, save_ckpt: bool,
+          recipe: Recipe | None = None) -> list[Mark]:
+    """Train `runs` as the protocol trains a phase (`recipe`: the config's); returns when each epoch
+    started (of the stacked phase, or of each run in turn on the reference loop)."""
+    starts: list[Mark] = []
+    jobs = [(r, RunRecord(r, cfg, save_ckpt=save_ckpt)) for r in runs]
+    train_phase(jobs, recipe or Recipe.from_cfg(cfg), data, engine, on_epoch=lambda _: starts.append(now()))
+    return starts
