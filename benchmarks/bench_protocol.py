@@ -94,40 +94,40 @@ def _proc_status(key: str) -> int:
     return int(line.split()[1]) * 1024
 
 
+def _phases(a: argparse.Namespace, engine: Engine, cfg, images, device: torch.device, configs: int,
+            finals: int) -> dict:
+    """`configs` search runs, then `finals` final runs and the test streamed after them, on `engine`."""
+    test = []
+    starts = train(cfg, engine, search_runs(cfg, configs), task_data(a, images, device, N_TRAIN), False)
+    search = Epochs.from_marks(starts, now(), a.epochs)
+    starts = train(cfg, engine, final_runs(cfg, finals),
+                   task_data(a, images, device, len(images), timed_test(a, test)), True)
+    return {"search": search, "finals": Epochs.from_marks(starts, test[0][0], a.epochs), "test_s": test[0][1]}
+
+
 def fast_path(a: argparse.Namespace) -> dict:
     """Cached frozen pass, the whole search grid together, the 5 finals together with the test streamed once."""
     device, backbone, images = setup(a)
-    test = []
     with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
         cfg, start = make_cfg(a, out), now()
         frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=True, dtype=a.cache_dtype,
                                 batch_size=a.batch_size)
         build = since(start)
         grid = Engine.stacked(QuerySpec.from_cfg(cfg), frozen, cfg.ENGINE.FUSED_KV_GIB)
-        starts = train(cfg, grid, search_runs(cfg, a.grid), task_data(a, images, device, N_TRAIN), False)
-        search = Epochs.from_marks(starts, now(), a.epochs)
-        starts = train(cfg, grid, final_runs(cfg, len(FINAL_SEEDS)),
-                       task_data(a, images, device, len(images), timed_test(a, test)), True)
-        finals = Epochs.from_marks(starts, test[0][0], a.epochs)
+        figures = _phases(a, grid, cfg, images, device, a.grid, len(FINAL_SEEDS))
         cache_bytes = frozen.kv.numel() * frozen.kv.element_size()
         frozen.close()
-    return {"frozen_pass_s": build, "search": search, "finals": finals, "test_s": test[0][1],
-            "cache_bytes": cache_bytes, "peak_bytes": mem.growth}
+    return {"frozen_pass_s": build, **figures, "cache_bytes": cache_bytes, "peak_bytes": mem.growth}
 
 
 def reference_path(a: argparse.Namespace) -> dict:
     """The reference loop (backbone at every step, one run at a time): `--ref-configs` search configs and one final."""
     device, backbone, images = setup(a)
-    test = []
     with PeakMemory(device) as mem, tempfile.TemporaryDirectory() as out:
         cfg = make_cfg(a, out)
-        ref = Engine.reference(QuerySpec.from_cfg(cfg), backbone)
-        starts = train(cfg, ref, search_runs(cfg, a.ref_configs), task_data(a, images, device, N_TRAIN), False)
-        search = Epochs.from_marks(starts, now(), a.epochs)
-        starts = train(cfg, ref, final_runs(cfg, 1), task_data(a, images, device, len(images), timed_test(a, test)),
-                       True)
-        finals = Epochs.from_marks(starts, test[0][0], a.epochs)
-    return {"search": search, "finals": finals, "test_s": test[0][1], "peak_bytes": mem.growth}
+        figures = _phases(a, Engine.reference(QuerySpec.from_cfg(cfg), backbone), cfg, images, device,
+                          a.ref_configs, 1)
+    return {**figures, "peak_bytes": mem.growth}
 
 
 def vpt_deep_logits(backbone: VisionTransformer, x: torch.Tensor, prompts: torch.Tensor,

@@ -23,22 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import (
-    ARCHS,
-    N_TRAIN,
-    N_VAL,
-    Epochs,
-    final_runs,
-    make_cfg,
-    measured_epochs,
-    now,
-    search_runs,
-    setup,
-    since,
-    task_data,
-    timed_test,
-    train,
-)
+from benchmarks import common
 from src.configs.vit_configs import ViTArch
 from src.data.tasks import TEST_SIZES
 from src.engine.frozen import FrozenFeatures
@@ -51,7 +36,7 @@ from src.utils.cli import HelpFormatter
 from src.utils.sweep import DEMO_TASKS
 
 EPOCHS, CONFIGS, SEEDS = 100, 20, len(FINAL_SEEDS)
-N_ALL = N_TRAIN + N_VAL
+N_ALL = common.N_TRAIN + common.N_VAL
 LRP_COEF = 1e-4  # the compress stage's group lasso (run_vqt_vtab_sparsity.sh)
 PHASES = ("search", "finals", "compress", "featselect")
 
@@ -87,7 +72,7 @@ class Flops:
         """FLOPs of one config-epoch: train steps over 800 (search) or 1000 images, then val200.
         Training the query tokens: backward = forward (input gradients only: the weights are frozen) and
         the head's weight gradient; compression stages train the head only."""
-        n_train = N_TRAIN if phase == "search" else N_ALL
+        n_train = common.N_TRAIN if phase == "search" else N_ALL
         keep = 0.7 if phase == "featselect" else 1.0
         head = self.head(q, classes, keep)
         query_bwd = self.query(q) + head if phase in ("search", "finals") else 0.0
@@ -95,7 +80,7 @@ class Flops:
         val = self.query(q) + head
         if reference:
             train, val = train + self.backbone(), val + self.backbone()
-        return n_train * train + N_VAL * val
+        return n_train * train + common.N_VAL * val
 
     def test(self, q: int, classes: int, members: int) -> float:
         """One test image through the backbone and `members` query paths + heads."""
@@ -104,7 +89,7 @@ class Flops:
 
 def stage_runs(cfg, stage: str, dim: int, depth: int, q: int) -> tuple[list[Run], Recipe]:
     """The 5 runs of a compression stage (queries from a final run; featselect keeps 70 % of the features)."""
-    runs = final_runs(cfg, SEEDS)
+    runs = common.final_runs(cfg, SEEDS)
     torch.manual_seed(0)
     for r in runs:
         r.lr *= 0.5
@@ -120,15 +105,15 @@ class Bench:
 
     def __init__(self, a: argparse.Namespace, out: str):
         self.a, self.out = a, out
-        self.device, self.backbone, self.images = setup(a)
-        start = now()
+        self.device, self.backbone, self.images = common.setup(a)
+        start = common.now()
         self.frozen = FrozenFeatures(self.backbone, self.images, a.img_size, self.device, cache=True,
                                      dtype=a.cache_dtype, batch_size=a.batch_size)
-        self.frozen_s = since(start)
+        self.frozen_s = common.since(start)
 
     def cfg(self, q: int, tag: str):
         ns = argparse.Namespace(**{**vars(self.a), "q": q})
-        return make_cfg(ns, os.path.join(self.out, tag))
+        return common.make_cfg(ns, os.path.join(self.out, tag))
 
     def run(self, reference: bool, q: int, phase: str) -> dict:
         """`--epochs` epochs of `phase` (then the test stream, after finals and compression stages): wall and
@@ -136,33 +121,35 @@ class Bench:
         cfg, dim, depth = self.cfg(q, f"{'ref' if reference else 'fast'}_{phase}_{q}"), self.backbone.embed_dim, \
             self.backbone.depth
         if phase == "search":
-            runs, recipe = search_runs(cfg, 1 if reference else self.a.grid), Recipe.from_cfg(cfg)
+            runs, recipe = common.search_runs(cfg, 1 if reference else self.a.grid), Recipe.from_cfg(cfg)
         elif phase == "finals":
-            runs, recipe = final_runs(cfg, 1 if reference else SEEDS), Recipe.from_cfg(cfg)
+            runs, recipe = common.final_runs(cfg, 1 if reference else SEEDS), Recipe.from_cfg(cfg)
         else:
             runs, recipe = stage_runs(cfg, phase, dim, depth, q)
             runs = runs[:1] if reference else runs
         laps: list = []
-        test = None if phase == "search" else timed_test(self.a, laps)
-        data = task_data(self.a, self.images, self.device, N_TRAIN if phase == "search" else N_ALL, test)
+        test = None if phase == "search" else common.timed_test(self.a, laps)
+        rows = common.N_TRAIN if phase == "search" else N_ALL
+        data = common.task_data(self.a, self.images, self.device, rows, test)
         spec = QuerySpec.from_cfg(cfg)
         engine = Engine.reference(spec, self.backbone) if reference else \
             Engine.stacked(spec, self.frozen, cfg.ENGINE.FUSED_KV_GIB)
-        starts = train(cfg, engine, runs, data, False, recipe)
-        end = laps[0][0] if laps else now()
+        starts = common.train(cfg, engine, runs, data, False, recipe)
+        end = laps[0][0] if laps else common.now()
         e = self.a.epochs
-        return {"configs": len(runs), "wall": vars(Epochs.from_marks(starts, end, e)),
-                "cpu": vars(Epochs.from_marks(starts, end, e, clock=1)), "test_s": laps[0][1] if laps else 0.0}
+        return {"configs": len(runs), "wall": vars(common.Epochs.from_marks(starts, end, e)),
+                "cpu": vars(common.Epochs.from_marks(starts, end, e, clock=1)),
+                "test_s": laps[0][1] if laps else 0.0}
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> tuple[float, float]:
     """Sustained fp32 GFLOP/s of an n x n x n torch.mm: per wall second and per CPU second of this process."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    start = now()
+    start = common.now()
     for _ in range(reps):
         a @ b
-    end = now()
+    end = common.now()
     wall, cpu = end[0] - start[0], end[1] - start[1]
     flops = reps * 2 * n ** 3
     return flops / wall / 1e9, flops / cpu / 1e9
@@ -191,7 +178,7 @@ def measure(a: argparse.Namespace, qs: list[int]) -> dict:
 
 def table(a: argparse.Namespace, m: dict) -> dict:
     """Per task and phase: seconds of both paths (computed from the measurements) and FLOPs of both."""
-    fl = Flops(ARCHS[a.arch], a.img_size)
+    fl = Flops(common.ARCHS[a.arch], a.img_size)
     rows, c0 = [], a.classes
     for t in DEMO_TASKS:
         q, classes, n_test = t.q, t.classes, TEST_SIZES[t.name]
@@ -206,7 +193,7 @@ def table(a: argparse.Namespace, m: dict) -> dict:
             for path, reference in (("ref", True), ("fast", False)):
                 r = m["phases"][f"{'reference' if reference else 'fast'}/{phase}/Q{q}"]
                 scale = fl.phase(phase, q, classes, reference) / fl.phase(phase, q, c0, reference)
-                row[f"{path}_s"] += n_cfg * scale * Epochs(**r["wall"]).run_seconds(EPOCHS) / r["configs"]
+                row[f"{path}_s"] += n_cfg * scale * common.Epochs(**r["wall"]).run_seconds(EPOCHS) / r["configs"]
                 row[f"{path}_flops"] += EPOCHS * n_cfg * fl.phase(phase, q, classes, reference)
                 if phase != "search":  # test at the end: once per run (reference), once for all 5 runs (fast)
                     runs, members = (SEEDS, 1) if reference else (1, SEEDS)
@@ -219,7 +206,7 @@ def table(a: argparse.Namespace, m: dict) -> dict:
 
 def per_q(a: argparse.Namespace, m: dict) -> list[dict]:
     """Per Q and phase: s per config-epoch of both paths, measured ratio, FLOP-bound ratio, fast vs its FLOP bound."""
-    fl, out = Flops(ARCHS[a.arch], a.img_size), []
+    fl, out = Flops(common.ARCHS[a.arch], a.img_size), []
     wall_rate, cpu_rate = m["matmul_gflops"]
     for key, r in m["phases"].items():
         path, phase, q = key.split("/")
@@ -278,9 +265,10 @@ def report(a: argparse.Namespace, m: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
+    p.add_argument("--arch", choices=list(common.ARCHS), default="tiny",
+                   help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--epochs", type=measured_epochs, default=2,
+    p.add_argument("--epochs", type=common.measured_epochs, default=2,
                    help="measured epochs per phase (at least 2: the first carries one-off costs)")
     p.add_argument("--grid", type=int, default=4, help="search configs measured together on the fast path (of 20)")
     p.add_argument("--qs", type=int, nargs="+", default=sorted({t.q for t in DEMO_TASKS}), help="Q values measured")
@@ -298,7 +286,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d')}")
     with tempfile.TemporaryDirectory() as tmp:
         a.ckpt = os.path.join(tmp, "vit.npz")
-        write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
+        write_random_npz(a.ckpt, common.ARCHS[a.arch], img_size=a.img_size, seed=0)
         m = measure(a, a.qs)
     out = {"args": vars(a), "measured": m, **report(a, m)}
     if a.json:

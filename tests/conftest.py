@@ -55,3 +55,15 @@ def colour_images() -> Callable[[int, int], ImageSet]:
                 .astype(np.uint8) for y in labels]
         return ImageSet(images=imgs, labels=labels.astype(np.int64))
     return make
+
+
+@pytest.fixture
+def tiny_vit(tiny_backbone) -> VisionTransformer:
+    """The tiny ViT of `tiny_backbone`, without embedding dropout."""
+    return tiny_backbone()
+
+
+@pytest.fixture
+def tiny_images(colour_images) -> ImageSet:
+    """60 `colour_images` (seed 0): rows 0..39 train, 40..59 val in the engine tests."""
+    return colour_images(60, 0)

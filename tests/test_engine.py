@@ -28,16 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def backbone(tiny_backbone):
-    return tiny_backbone()
-
-
-@pytest.fixture
-def images(colour_images):
-    return colour_images(60, 0)
-
-
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_stacked_optimizer_matches_torch(kind):
     torch.manual_seed(0)
@@ -73,37 +63,37 @@ def test_schedule_is_per_epoch_warmup_cosine():
     assert lr_factor(99, 10, 100) == pytest.approx(0.5 * (1 + np.cos(np.pi * 89 / 90)))
 
 
-def test_cached_and_uncached_paths_agree_with_the_reference(backbone, images):
+def test_cached_and_uncached_paths_agree_with_the_reference(tiny_vit, tiny_images):
     """Logits and gradients of the stack on cached and on uncached batches agree, and the logits are
     each member's own VQT's on the images."""
     idx = torch.tensor([5, 17, 3, 40, 41, 0, 59])
     outs = []
     for cache in (True, False):
-        frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=cache, batch_size=16)
-        model = Members(backbone, QuerySpec(3, 4), [7, 8])
+        frozen = FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=cache, batch_size=16)
+        model = Members(tiny_vit, QuerySpec(3, 4), [7, 8])
         model.reset(torch.device("cpu"))
         feat, kvs, labels = frozen.batch(idx)
         logits = model(feat, kvs)
         torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, 2)).backward()
         outs.append((logits.detach(), model.query_tokens.grad, model.head_weight.grad, model.head_bias.grad))
         # only query tokens and heads are trained: nothing reaches the frozen backbone
-        assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+        assert all(p.grad is None and not p.requires_grad for p in tiny_vit.parameters())
         assert all(g is not None and g.abs().sum() > 0 for g in outs[-1][1:])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    x = preprocess([images.images[i] for i in idx.tolist()], 32, CPU)
+    x = preprocess([tiny_images.images[i] for i in idx.tolist()], 32, CPU)
     for g in range(2):
-        one = VQT(backbone, QuerySpec(3, 4))
+        one = VQT(tiny_vit, QuerySpec(3, 4))
         one.load_trained_state(model.trained_state(g)["model"])
         torch.testing.assert_close(outs[0][0][:, g], one(x).detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cached_batches_hold_the_cache_rows(backbone, images, dtype):
+def test_cached_batches_hold_the_cache_rows(tiny_vit, tiny_images, dtype):
     """Batches of changing sizes (gathered into one reused buffer) hold exactly the requested rows of
     the fp32 frozen pass, rounded to the cache dtype; earlier batches are overwritten, not kept."""
-    ref = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, batch_size=16)
-    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, dtype=dtype, batch_size=16)
+    ref = FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, batch_size=16)
+    frozen = FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, dtype=dtype, batch_size=16)
     for idx in (torch.arange(20), torch.tensor([5, 3, 59]), torch.arange(59, 30, -3)):
         feat, kvs, labels = frozen.batch(idx)
         assert torch.equal(feat, ref.feat[idx]) and torch.equal(labels, ref.labels[idx])
@@ -113,10 +103,10 @@ def test_cached_batches_hold_the_cache_rows(backbone, images, dtype):
                 assert torch.equal(x, ref.kv[i, j, idx].to(getattr(torch, dtype)).float())
 
 
-def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
+def test_disk_cache_equals_memory_cache(tiny_vit, tiny_images, tmp_path):
     idx = torch.arange(0, 60, 7)
-    mem = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="cpu")
-    disk = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk",
+    mem = FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, location="cpu")
+    disk = FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, location="disk",
                           scratch_dir=str(tmp_path / "cache"))
     (fa, ka, _), (fb, kb, _) = mem.batch(idx), disk.batch(idx)
     assert torch.equal(fa, fb) and all(torch.equal(x, y) for p, q in zip(ka, kb) for x, y in zip(p, q))
@@ -124,25 +114,25 @@ def test_disk_cache_equals_memory_cache(backbone, images, tmp_path):
     assert not list((tmp_path / "cache").iterdir())
 
 
-def test_disk_cache_on_a_full_disk_is_one_clear_error(backbone, images, tmp_path, monkeypatch):
+def test_disk_cache_on_a_full_disk_is_one_clear_error(tiny_vit, tiny_images, tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     monkeypatch.setattr(frozen_mod.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
     with pytest.raises(VQTError) as info:
-        FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk", scratch_dir=str(folder))
+        FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, location="disk", scratch_dir=str(folder))
     msg = str(info.value)
     assert msg.startswith(f"the frozen-path disk cache needs 0.00 GiB in {folder} but 0.00 GiB are free")
     assert "ENGINE.CACHE_DTYPE bfloat16" in msg and "ENGINE.CACHE off" in msg and "OUTPUT_DIR" in msg
     assert list(folder.iterdir()) == []
 
 
-def test_failed_allocation_is_one_clear_error(backbone, images, tmp_path, monkeypatch):
+def test_failed_allocation_is_one_clear_error(tiny_vit, tiny_images, tmp_path, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(frozen_mod.os, "posix_fallocate", full)
     with pytest.raises(VQTError, match=r"disk cache needs .* GiB are free \(No space left on device\): free space"):
-        FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=True, location="disk",
+        FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, location="disk",
                        scratch_dir=str(tmp_path / "cache"), dtype="bfloat16")
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -201,9 +191,9 @@ def test_sigterm_leaves_no_cache_file(tmp_path):
     assert list(folder.iterdir()) == []
 
 
-def test_max_batch_rows_follows_the_cap(backbone, images):
-    frozen = FrozenFeatures(backbone, images, 32, torch.device("cpu"), cache=False)
-    row_bytes = backbone.depth * 2 * backbone.num_tokens * backbone.embed_dim * 4  # fp32 keys + values
+def test_max_batch_rows_follows_the_cap(tiny_vit, tiny_images):
+    frozen = FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=False)
+    row_bytes = tiny_vit.depth * 2 * tiny_vit.num_tokens * tiny_vit.embed_dim * 4  # fp32 keys + values
     assert frozen.max_batch_rows(3.5 * row_bytes / 2 ** 30) == 3
     assert frozen.max_batch_rows(0.0) == 1
 
