@@ -292,6 +292,7 @@ def test_a_cache_that_fits_nowhere_falls_back_to_the_uncached_grid(assets, tmp_p
     assert "error: the frozen-path disk cache needs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_reference_loop_gives_the_grids_results(assets, finished, tmp_path):
     """The whole protocol (search, pick, finals with test) with ENGINE.GRID False: every run's results,
     the pick and the finals' test logits equal the stacked engine's (to the grid-vs-reference tolerance)."""
