@@ -55,7 +55,7 @@ from src.models.vit import VisionTransformer
 from src.models.vqt import QuerySpec
 from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
-from src.utils.heap import retain_freed_memory
+from src.utils.heap import follow_live_memory
 
 LIBC = ctypes.CDLL(None)
 
@@ -154,8 +154,8 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
     else:
         prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
         head = nn.Linear(d, a.classes).to(device)
-    if device.type == "cpu":  # the allocator setting training runs under (freed memory kept in the heap)
-        retain_freed_memory()
+    if device.type == "cpu":
+        follow_live_memory()
     with PeakMemory(device) as mem:
         start = now()
         if method == "vqt":
@@ -248,7 +248,7 @@ def report_memory(a: argparse.Namespace) -> dict:
 def memory_kind(a: argparse.Namespace, step: bool) -> str:
     if resolve_device(a.device).type == "cuda":
         return "CUDA max_memory_allocated"
-    return "resident-set high-water mark" + (", a fresh process each" if step else "")
+    return "resident-set high-water mark" + (", a fresh process each, glibc mmap threshold 1 MiB" if step else "")
 
 
 def main() -> None:
