@@ -293,21 +293,23 @@ def test_a_cache_that_fits_nowhere_falls_back_to_the_uncached_grid(assets, tmp_p
 
 
 @pytest.mark.slow
-def test_the_reference_loop_gives_the_grids_results(assets, finished, tmp_path):
-    """The whole protocol (search, pick, finals with test) with ENGINE.GRID False: every run's results,
-    the pick and the finals' test logits equal the stacked engine's (to the grid-vs-reference tolerance)."""
-    out = str(tmp_path / "VQTSup_2_adam")
-    assert train.main(_args(assets, out, "--optimizer", "adam", over=["ENGINE.GRID", "False"])) == 0
+def test_the_reference_loop_gives_the_grids_results(assets, tmp_path):
+    """The whole protocol (search, pick, finals with test; one epoch each) with ENGINE.GRID False: every
+    run's results and the finals' test logits equal the stacked engine's (to the grid-vs-reference tolerance)."""
+    outs = {}
+    for grid in ("True", "False"):
+        outs[grid] = str(tmp_path / grid / "VQTSup_2_adam")
+        over = ["ENGINE.GRID", grid, "SOLVER.TOTAL_EPOCH", "1", "SOLVER.WARMUP_EPOCH", "0"]
+        assert train.main(_args(assets, outs[grid], "--optimizer", "adam", over=over)) == 0
     for suffix in ("_val", "_final"):
-        runs = _runs(out, suffix)
-        assert runs == _runs(finished, suffix) and len(runs) == (20 if suffix == "_val" else 5)
+        runs = _runs(outs["False"], suffix)
+        assert runs == _runs(outs["True"], suffix) and len(runs) == (20 if suffix == "_val" else 5)
         for run in runs:
-            ref, grid = (_results(os.path.join(_task_dir(o, suffix), run)) for o in (out, finished))
-            assert ref.keys() == grid.keys()
-            for epoch, res in ref.items():
-                for split, metrics in res["classification"].items():
-                    assert metrics == pytest.approx(grid[epoch]["classification"][split], abs=1e-5), (run, epoch)
-    for run in _runs(out, "_final"):
+            ref, grid = (_results(os.path.join(_task_dir(o, suffix), run)) for o in (outs["False"], outs["True"]))
+            assert ref.keys() == grid.keys() == {"epoch_0"}
+            for split, metrics in ref["epoch_0"]["classification"].items():
+                assert metrics == pytest.approx(grid["epoch_0"]["classification"][split], abs=1e-5), (run, split)
+    for run in _runs(outs["False"], "_final"):
         ref, grid = (torch.load(os.path.join(_task_dir(o, "_final"), run, f"test_{NAME}_logits.pth"),
-                                weights_only=True)["joint_logits"] for o in (out, finished))
+                                weights_only=True)["joint_logits"] for o in (outs["False"], outs["True"]))
         torch.testing.assert_close(ref, grid, atol=1e-5, rtol=1e-5)
