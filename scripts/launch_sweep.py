@@ -13,18 +13,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from src.data.tasks import select_tasks
+from src.engine.sweep import SPARSITY_TEMPLATE, TRAIN_TEMPLATE, TaskJob, TaskResult, launch, task_commands
 from src.errors import VQTError
 from src.utils.cli import HelpFormatter
 from src.utils.quiet import quiet_tensorflow
-from src.utils.sweep import (
-    SPARSITY_TEMPLATE,
-    TRAIN_TEMPLATE,
-    TaskJob,
-    TaskResult,
-    launch,
-    select_tasks,
-    task_commands,
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,6 @@ from src.engine import frozen as frozen_mod
 from src.engine.protocol import FINAL_SEEDS
 from src.models.vqt import HEAD_W, QUERY_KEY, QuerySpec
 from src.utils.layout import PHASES, Layout
-from src.utils.sweep import DEMO_TASKS
 
 NAME = "vtab-eurosat"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,16 +187,6 @@ def test_launchers_check_their_arguments():
     for script, n in (("scripts/VQT/run_vqt_vtab.sh", 6), ("scripts/VQT/run_vqt_vtab_sparsity.sh", 7)):
         p = subprocess.run(["bash", script, "0"], cwd=ROOT, capture_output=True, text=True, check=False)
         assert p.returncode == 2 and "usage" in p.stderr and len(p.stderr.split("usage:")[1].split()) == n + 2
-
-
-def test_run_demo_exp_runs_the_19_tasks_of_the_paper():
-    text = Path(os.path.join(ROOT, "run_demo_exp.sh")).read_text().split('if [ "$1" = "--demo" ]')[1].split("\nfi\n")[1]
-    sparse, plain = text.split("# Q = 10")
-    row = r"^\s+['\"](vtab-.+?) (\d+)(?: (\d+))?['\"]"
-    rows = [(n, int(c), 1, 0.7) for n, c, _ in re.findall(row, sparse, flags=re.MULTILINE)]
-    rows += [(n, int(c), int(q), None) for n, c, q in re.findall(row, plain, flags=re.MULTILINE)]
-    assert "run_vqt_vtab_sparsity.sh" in sparse and "run_vqt_vtab_sparsity.sh" not in plain
-    assert sorted(rows) == sorted((t.name, t.classes, t.q, t.fraction) for t in DEMO_TASKS)
 
 
 def _leaves(node, prefix=""):

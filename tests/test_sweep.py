@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from src.data.tasks import GROUPS, TASKS, select_tasks
+from src.engine.sweep import TaskJob, launch, task_commands
 from src.errors import VQTError
-from src.utils.sweep import DEMO_TASKS, GROUPS, TaskJob, launch, select_tasks, task_commands
+
+DEMO_TASKS = list(TASKS.values())
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,9 +84,9 @@ def test_debug_executor_runs_every_task_once(tmp_path):
     assert [r.name for r in results] == [t.name for t in DEMO_TASKS] and all(r.ok for r in results)
     recs = _markers(tmp_path)
     train = sorted(tuple(r["args"][1:]) for r in recs if r["step"] == "train")
-    assert train == sorted((t.name, str(t.classes), str(t.q), "adam", "feat_x") for t in DEMO_TASKS)
+    assert train == sorted((t.name, str(t.num_classes), str(t.q), "adam", "feat_x") for t in DEMO_TASKS)
     sparsity = sorted(tuple(r["args"][1:]) for r in recs if r["step"] == "sparsity")
-    assert sparsity == sorted((t.name, str(t.classes), "1", "adam", "feat_x", "0.7")
+    assert sparsity == sorted((t.name, str(t.num_classes), "1", "adam", "feat_x", "0.7")
                               for t in DEMO_TASKS if t.fraction)
     for rec in recs:  # the sparsity step of a task starts after its training step
         if rec["step"] == "sparsity":
