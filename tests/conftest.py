@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-import src.models  # noqa: F401 - applies the torchvision shim before any test module imports timm
 from src.configs.vit_configs import VIT_DEMO, ViTArch
 from src.data.synthetic import write_fake_tfds
 from src.models.checkpoints import write_random_npz
+from src.utils.torchvision_shim import allow_torchvision_import
+
+allow_torchvision_import()  # test modules import timm directly
 
 
 @pytest.fixture

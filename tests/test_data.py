@@ -222,8 +222,6 @@ def test_load_split_from_tfds(tfds_dir, name):
     np.testing.assert_array_equal(np.concatenate([train.labels, val.labels]), trainval.labels)
     counts = np.bincount(trainval.labels, minlength=get_task(name).num_classes)
     assert (counts > 0).all(), counts  # every class occurs
-    sub = trainval.subset(np.arange(10, 20))
-    assert len(sub) == 10 and sub.images[0] is trainval.images[10]
 
 
 def test_learnable_images_encode_the_label(tfds_dir):
@@ -257,11 +255,7 @@ def test_missing_data_fails_fast(tmp_path):
         stream_split(cfg, "test", 8)
 
 
-def test_number_classes_and_split_checked(tfds_dir):
-    cfg = _cfg(CLEVR_COUNT, tfds_dir)
-    cfg.DATA.NUMBER_CLASSES = 6
-    with pytest.raises(VQTError, match="DATA.NUMBER_CLASSES 8"):
-        load_split(cfg, "train800")
+def test_unknown_split_is_named(tfds_dir):
     with pytest.raises(VQTError, match="unknown split"):
         load_split(_cfg(CLEVR_COUNT, tfds_dir), "train")
 

@@ -210,7 +210,8 @@ def parse_name(name: str) -> tuple[str, dict]:
             return node.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
     except (SyntaxError, ValueError):
         pass
-    raise VQTError(f"DATA.NAME {name!r}: {expr!r} is not a name or a call with keyword literals, e.g. clevr(task=\"count_all\")")
+    raise VQTError(f"DATA.NAME {name!r}: {expr!r} is not a name or a call with keyword literals, "
+                   'e.g. clevr(task="count_all")')
 
 
 def get_task(name: str) -> VTABTask:
@@ -221,7 +222,8 @@ def get_task(name: str) -> VTABTask:
     try:
         parsed = parse_name(name)
         same = [t for t in TASKS if parse_name(t) == parsed]
-        hint = f" It names the same task as {same[0]!r}, but quotes/spaces differ: use that exact string." if same else ""
+        hint = (f" It names the same task as {same[0]!r}, but quotes/spaces differ: use that exact string."
+                if same else "")
     except VQTError as e:
         hint = f" ({e})"
     close = difflib.get_close_matches(name, TASKS, n=1)
@@ -240,12 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", metavar="NAME", help="only these tasks (default: all 19)")
     args = p.parse_args(argv)
     try:
-        tasks = select_tasks(args.names)
+        rows = [f"{t.name}\t{t.num_classes}\t{t.q}\t{'-' if t.fraction is None else t.fraction}"
+                for t in select_tasks(args.names)]
     except VQTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for t in tasks:
-        print(f"{t.name}\t{t.num_classes}\t{t.q}\t{'-' if t.fraction is None else t.fraction}")
+        p.exit(2, f"error: {err}\n")
+    print("\n".join(rows))
     return 0
 
 
