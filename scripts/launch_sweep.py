@@ -1,4 +1,5 @@
-"""Launch the run_demo_exp.sh VTAB-1k tasks as one submitit job each and report how every task ended.
+"""Launch the VTAB-1k tasks of the task table (src/data/tasks.py) as one submitit job each and report how
+every task ended.
 
 Run from the repo root, e.g. `python scripts/launch_sweep.py --cluster slurm --partition gpu` or
 `python scripts/launch_sweep.py --cluster local --tasks vtab-dtd vtab-svhn`.

@@ -1,1 +1,1 @@
-"""Models: the frozen ViT (vit.py, timm_backbone.py), its checkpoints, VQT and the exported model."""
+"""Models: the frozen ViT (vit.py, timm_backbone.py), its checkpoints, VQT (vqt.py) and inference."""
