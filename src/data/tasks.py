@@ -25,7 +25,9 @@ _KITTI_VEHICLE_TYPES = 3  # ClassLabel ids 0, 1, 2: Car, Van, Truck
 
 @dataclass(frozen=True)
 class VTABTask:
-    """One VTAB-1k task: where its data lives in TFDS and how examples become (image, label).
+    """One VTAB-1k task: where its data lives in TFDS, how examples become (image, label), and how the
+    paper's demo runs it (`q` query tokens per layer; `fraction`, the sparsity stage's keep fraction, or
+    None: no sparsity stage; `short`, a short label; `print_rank`, its place in the collector's table).
 
     Split layout (as VPT's): train800 = `train[:800]`; val200 = 200 examples of `val_split`,
     starting at T = val_percent * n // 100 (0: at its start); the test set is `test_split`,
@@ -40,10 +42,10 @@ class VTABTask:
     num_classes: int
     group: str
     folder: str
-    q: int  # the paper's demo: query tokens per layer,
-    fraction: float | None  # the sparsity stage's keep fraction (None: no sparsity stage),
-    short: str  # a short label,
-    print_rank: int  # and the task's place in the collector's table (the original's print order)
+    q: int
+    fraction: float | None
+    short: str
+    print_rank: int
     test_size: int  # test examples at the TFDS versions VPT used
     val_split: str = "validation"
     val_percent: int = 0
