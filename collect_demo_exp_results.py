@@ -19,31 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
+from src.data.tasks import GROUPS, PRINT_ORDER, TASKS, VTABTask, select_tasks
 from src.errors import VQTError
 from src.utils.cli import HelpFormatter
 from src.utils.layout import PHASES, RunDir, last_epoch, read_pick, run_name, stage_name, task_dir
 from src.utils.quiet import quiet_tensorflow
-from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
 
 
-def demo_setting(task: DemoTask, optimizer: str = "adam") -> str:
+def demo_setting(task: VTABTask, optimizer: str = "adam") -> str:
     """The setting run_demo_exp.sh reports a task from: the sparsity runs when it has a keep fraction."""
     return f"VQTSup_{task.q}_{optimizer}" + PHASES["sparse" if task.fraction is not None else "final"]
 
 
 # task -> setting its number comes from (Q=1 tasks: sparsefinal keep_frac_0.7; Q=10/20: final).
-TASK_SETTINGS: dict[str, str] = {t.name: demo_setting(t) for t in DEMO_TASKS}
+TASK_SETTINGS: dict[str, str] = {t.name: demo_setting(t) for t in TASKS.values()}
 DEFAULT_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(TASK_SETTINGS.values()))
-# The original script's print order.
-PRINT_ORDER: tuple[str, ...] = (
-    "vtab-caltech101", "vtab-dtd", "vtab-cifar(num_classes=100)", "vtab-oxford_flowers102", "vtab-oxford_iiit_pet",
-    "vtab-svhn", "vtab-patch_camelyon", "vtab-resisc45", "vtab-eurosat",
-    'vtab-diabetic_retinopathy(config="btgraham-300")', "vtab-dmlab", 'vtab-clevr(task="closest_object_distance")',
-    'vtab-clevr(task="count_all")', 'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)',
-    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)',
-    'vtab-smallnorb(predicted_attribute="label_azimuth")', 'vtab-smallnorb(predicted_attribute="label_elevation")',
-    'vtab-kitti(task="closest_vehicle_distance")', "vtab-sun397",
-)
 DEFAULT_RUNS = 5
 COUNTED = ("ok", "external")  # run statuses whose test top-1 enters the table
 
@@ -64,7 +54,7 @@ class Cell:
     """The runs of one (setting, task): the chosen lr/wd folder and a note when the choice was ambiguous."""
 
     setting: str
-    task: DemoTask
+    task: VTABTask
     task_dir: Path
     hyparam: str | None = None
     runs: list[Run] = field(default_factory=list)
@@ -89,7 +79,7 @@ class Cell:
         return "/".join(str(e) for e in sorted({r.epochs for r in self.runs if r.status in COUNTED}))
 
 
-def run_subdir(setting: str, task: DemoTask) -> str | None:
+def run_subdir(setting: str, task: VTABTask) -> str | None:
     """Folder between the lr/wd folder and run{k}: keep_frac_F for sparsity settings (None if the task has
     no keep fraction), nothing otherwise."""
     if setting.endswith(PHASES["sparse"]):
@@ -134,7 +124,7 @@ def _counts(run_dir: Path) -> bool:
     return (done or {}).get("status") == "ok" or run.external
 
 
-def collect_cell(root: Path, setting: str, task: DemoTask, feature: str, n_runs: int) -> Cell | None:
+def collect_cell(root: Path, setting: str, task: VTABTask, feature: str, n_runs: int) -> Cell | None:
     """Read one (setting, task); None when its folder does not exist (or the setting does not apply)."""
     folder = Path(task_dir(str(root / setting), task.name, feature))
     sub = run_subdir(setting, task)
@@ -166,7 +156,7 @@ class Report:
     problems: list[str]
 
 
-def collect(root: Path, feature: str, settings: list[str], tasks: list[DemoTask], n_runs: int = DEFAULT_RUNS
+def collect(root: Path, feature: str, settings: list[str], tasks: list[VTABTask], n_runs: int = DEFAULT_RUNS
             ) -> Report:
     """Read every (setting, task); each task is reported from TASK_SETTINGS[task] when that setting is
     among `settings`, else from the first listed setting holding complete runs for it."""
@@ -202,7 +192,7 @@ def _pm(mean: float | None, std: float | None) -> str:
     return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def print_table(report: Report, settings: list[str], tasks: list[DemoTask], feature: str) -> None:
+def print_table(report: Report, settings: list[str], tasks: list[VTABTask], feature: str) -> None:
     """The original stdout table, plus std, epoch counts, group means and the problem list."""
     names = [n for n in PRINT_ORDER if n in {t.name for t in tasks}]
     for setting in settings:
@@ -226,12 +216,12 @@ def print_table(report: Report, settings: list[str], tasks: list[DemoTask], feat
         print(line)
 
 
-def table_order(tasks: list[DemoTask]) -> list[DemoTask]:
+def table_order(tasks: list[VTABTask]) -> list[VTABTask]:
     """Tasks by group (Natural, Specialized, Structured), then in the original print order."""
     return sorted(tasks, key=lambda t: (GROUPS.index(t.group), PRINT_ORDER.index(t.name)))
 
 
-def group_means(report: Report, tasks: list[DemoTask]) -> list[tuple[str, float | None, str]]:
+def group_means(report: Report, tasks: list[VTABTask]) -> list[tuple[str, float | None, str]]:
     """(label, mean, "k/n tasks|groups" with results) per group, over all tasks, and over the group means."""
     def mean_of(values: list[float]) -> float | None:
         return float(np.mean(values)) if values else None
@@ -253,7 +243,7 @@ def _setting_label(cell: Cell) -> str:
     return f"{cell.setting}/{sub}" if sub else cell.setting
 
 
-def write_csv(report: Report, tasks: list[DemoTask], path: Path, n_runs: int) -> None:
+def write_csv(report: Report, tasks: list[VTABTask], path: Path, n_runs: int) -> None:
     """One row per task: task, group, setting, lr/wd folder, epochs, n_runs, mean, std, run1..runN (%)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -270,7 +260,7 @@ def write_csv(report: Report, tasks: list[DemoTask], path: Path, n_runs: int) ->
                         *(per_seed.get(k, "") for k in range(1, n_runs + 1))])
 
 
-def write_markdown(report: Report, tasks: list[DemoTask], path: Path, root: Path, feature: str, n_runs: int) -> None:
+def write_markdown(report: Report, tasks: list[VTABTask], path: Path, root: Path, feature: str, n_runs: int) -> None:
     """Per-task mean ± std table, then the group and overall means."""
     lines = ["# VQT on VTAB-1k", "",
              (f"Root `{root}`, feature `{feature}`. Test top-1 (%) at the last epoch, mean ± std (population) "
@@ -289,7 +279,7 @@ def write_markdown(report: Report, tasks: list[DemoTask], path: Path, root: Path
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(report: Report, tasks: list[DemoTask], path: Path, feature: str) -> None:
+def write_plot(report: Report, tasks: list[VTABTask], path: Path, feature: str) -> None:
     """Bar chart of the per-task means (value on each bar) with std error bars, colored by group; the
     legend sits between the title and the bars, so nothing overlaps for 1 task as for 19."""
     import matplotlib

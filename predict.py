@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.topk < 1:
         raise VQTError(f"--topk must be >= 1 (got {args.topk})")
-    from src.models.export import load_model  # imports torch and timm: after the arguments are checked
+    from src.models.inference import load_model  # imports torch and timm: after the arguments are checked
     from src.utils.device import resolve_device
 
     paths, skipped = image_files(args.images)

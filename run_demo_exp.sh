@@ -34,6 +34,18 @@ step() {
     FAILED+=("$label (exit $status): ${line:-no stderr}")
     return 1
 }
+# run_tasks NAME...: each task's training step, then its sparsity step when it has a keep fraction; the
+# rows (DATA.NAME, classes, Q, keep fraction or -) come from the task table, src/data/tasks.py (all 19
+# without NAMEs). Uses GPUIDX, OPTIMIZER and FEATURE.
+run_tasks() {
+    local rows name classes q frac
+    rows=$($PYTHON -m src.data.tasks --rows "$@") || exit 2
+    while IFS=$'\t' read -r name classes q frac <&3; do
+        step "$name" scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$name" "$classes" "$q" "$OPTIMIZER" "$FEATURE" &&
+            [ "$frac" != - ] && step "$name.compression" scripts/VQT/run_vqt_vtab_sparsity.sh \
+                "$GPUIDX" "$name" "$classes" "$q" "$OPTIMIZER" "$FEATURE" "$frac"
+    done 3<<< "$rows"
+}
 # summary: list the failed steps; the script's exit status (1 if any failed)
 summary() {
     if [ ${#FAILED[@]} -eq 0 ]; then
@@ -52,9 +64,8 @@ if [ "$1" = "--demo" ]; then
     export VQT_EXTRA_OPTS="DATA.CROPSIZE 64 SOLVER.TOTAL_EPOCH 20 SOLVER.WARMUP_EPOCH 2"
     DEMO_TASKS=(vtab-eurosat vtab-svhn)
     $PYTHON scripts/make_demo_assets.py --dest demo_assets --tasks "${DEMO_TASKS[@]}" || exit 1
-    step vtab-eurosat scripts/VQT/run_vqt_vtab.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny &&
-        step vtab-eurosat.compression scripts/VQT/run_vqt_vtab_sparsity.sh 0 vtab-eurosat 10 1 adam demo_vit_tiny 0.7
-    step vtab-svhn scripts/VQT/run_vqt_vtab.sh 0 vtab-svhn 10 20 adam demo_vit_tiny
+    GPUIDX=0 OPTIMIZER=adam FEATURE=demo_vit_tiny
+    run_tasks "${DEMO_TASKS[@]}"
     $PYTHON collect_demo_exp_results.py --root "$EXP_ROOT" --feature demo_vit_tiny --tasks "${DEMO_TASKS[@]}" ||
         FAILED+=("collect_demo_exp_results.py (exit $?)")
     # real images: scikit-learn's digits as an image folder (DATA.SOURCE folder), VQT next to a linear probe
@@ -69,36 +80,5 @@ GPUIDX=$1
 OPTIMIZER=adam
 FEATURE=sup_vitb16_imagenet1k
 
-# Q = 1, frac = 0.7
-for row in \
-    "vtab-caltech101 102" \
-    "vtab-dtd 47" \
-    "vtab-oxford_flowers102 102" \
-    "vtab-oxford_iiit_pet 37" \
-    "vtab-cifar(num_classes=100) 100" \
-    "vtab-patch_camelyon 2" \
-    "vtab-resisc45 45" \
-    'vtab-diabetic_retinopathy(config="btgraham-300") 5' \
-    "vtab-eurosat 10" \
-    'vtab-clevr(task="count_all") 8' \
-    'vtab-dsprites(predicted_attribute="label_orientation",num_classes=16) 16' \
-    "vtab-sun397 397"; do
-    read -r DATA_NAME NUM_CLASSES <<< "$row"
-    step "$DATA_NAME" scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE &&
-        step "$DATA_NAME.compression" scripts/VQT/run_vqt_vtab_sparsity.sh \
-            "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" 1 $OPTIMIZER $FEATURE 0.7
-done
-
-# Q = 10 (first two) and Q = 20, frac = 1.0
-for row in \
-    'vtab-smallnorb(predicted_attribute="label_elevation") 9 10' \
-    'vtab-clevr(task="closest_object_distance") 6 10' \
-    "vtab-svhn 10 20" \
-    "vtab-dmlab 6 20" \
-    'vtab-dsprites(predicted_attribute="label_x_position",num_classes=16) 16 20' \
-    'vtab-smallnorb(predicted_attribute="label_azimuth") 18 20' \
-    'vtab-kitti(task="closest_vehicle_distance") 4 20'; do
-    read -r DATA_NAME NUM_CLASSES Q <<< "$row"
-    step "$DATA_NAME" scripts/VQT/run_vqt_vtab.sh "$GPUIDX" "$DATA_NAME" "$NUM_CLASSES" "$Q" $OPTIMIZER $FEATURE
-done
+run_tasks
 summary

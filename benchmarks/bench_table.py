@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import common
 from src.configs.vit_configs import ViTArch
-from src.data.tasks import TEST_SIZES
+from src.data.tasks import TASKS
 from src.engine.frozen import FrozenFeatures
 from src.engine.protocol import FINAL_SEEDS
 from src.engine.runs import Recipe, Run
@@ -33,7 +33,6 @@ from src.engine.train import Engine
 from src.models.checkpoints import write_random_npz
 from src.models.vqt import QUERY_KEY, QuerySpec
 from src.utils.cli import HelpFormatter
-from src.utils.sweep import DEMO_TASKS
 
 EPOCHS, CONFIGS, SEEDS = 100, 20, len(FINAL_SEEDS)
 N_ALL = common.N_TRAIN + common.N_VAL
@@ -180,8 +179,8 @@ def table(a: argparse.Namespace, m: dict) -> dict:
     """Per task and phase: seconds of both paths (computed from the measurements) and FLOPs of both."""
     fl = Flops(common.ARCHS[a.arch], a.img_size)
     rows, c0 = [], a.classes
-    for t in DEMO_TASKS:
-        q, classes, n_test = t.q, t.classes, TEST_SIZES[t.name]
+    for t in TASKS.values():
+        q, classes, n_test = t.q, t.num_classes, t.test_size
         phases = PHASES if t.fraction is not None else PHASES[:2]
         row = {"task": t.short, "q": q, "classes": classes, "test": n_test, "ref_s": 0.0, "fast_s": 0.0,
                "ref_flops": 0.0, "fast_flops": 0.0}
@@ -240,7 +239,7 @@ def report(a: argparse.Namespace, m: dict) -> dict:
         ref_s, ratio = ("-", "-") if r["ratio"] is None else (f"{r['ref_s']:.2f}", f"{r['ratio']:.1f}x")
         print(f"{r['phase']:<11}{r['q']:>3}{ref_s:>9}{r['fast_s']:>9.3f}{ratio:>8}{r['flop_ratio']:>11.1f}x"
               f"{r['fast_gflop']:>12.1f}{r['bound_s']:>9.3f}{r['over_bound']:>11.2f}x{r['over_bound_cpu']:>11.2f}x")
-    missing = sorted({t.q for t in DEMO_TASKS} - set(a.qs))
+    missing = sorted({t.q for t in TASKS.values()} - set(a.qs))
     if a.fast_only or missing:
         why = "--fast-only" if a.fast_only else f"Q={', '.join(map(str, missing))} not measured (--qs)"
         print(f"\nno whole-table figures: {why}")
@@ -271,7 +270,7 @@ def main() -> None:
     p.add_argument("--epochs", type=common.measured_epochs, default=2,
                    help="measured epochs per phase (at least 2: the first carries one-off costs)")
     p.add_argument("--grid", type=int, default=4, help="search configs measured together on the fast path (of 20)")
-    p.add_argument("--qs", type=int, nargs="+", default=sorted({t.q for t in DEMO_TASKS}), help="Q values measured")
+    p.add_argument("--qs", type=int, nargs="+", default=sorted({t.q for t in TASKS.values()}), help="Q values measured")
     p.add_argument("--classes", type=int, default=10, help="class count of the measured runs")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=128)

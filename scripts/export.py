@@ -5,7 +5,7 @@
 The file holds the trained tensors (query tokens, head, feature ids) with their QuerySpec, the
 backbone's identity (timm name or zoo key) and the absolute path of its weight file, the
 preprocessing (size, mean, std, resampling) and the class names. Load it with
-`src.models.export.load_model("model.pt")`: `.model(images)` gives logits for images in [0, 1],
+`src.models.inference.load_model("model.pt")`: `.model(images)` gives logits for images in [0, 1],
 `.predict(paths)` class probabilities; or run `python predict.py model.pt IMAGES`.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from src.models.export import load_export, run_export
+    from src.models.inference import load_export, run_export
     from src.utils.layout import atomic_save
 
     export = run_export(args.run_dir, args.weights)

@@ -1,4 +1,5 @@
-"""Launch the run_demo_exp.sh VTAB-1k tasks as one submitit job each and report how every task ended.
+"""Launch the VTAB-1k tasks of the task table (src/data/tasks.py) as one submitit job each and report how
+every task ended.
 
 Run from the repo root, e.g. `python scripts/launch_sweep.py --cluster slurm --partition gpu` or
 `python scripts/launch_sweep.py --cluster local --tasks vtab-dtd vtab-svhn`.
@@ -13,18 +14,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from src.data.tasks import select_tasks
+from src.engine.sweep import SPARSITY_TEMPLATE, TRAIN_TEMPLATE, TaskJob, TaskResult, launch, task_commands
 from src.errors import VQTError
 from src.utils.cli import HelpFormatter
 from src.utils.quiet import quiet_tensorflow
-from src.utils.sweep import (
-    SPARSITY_TEMPLATE,
-    TRAIN_TEMPLATE,
-    TaskJob,
-    TaskResult,
-    launch,
-    select_tasks,
-    task_commands,
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,12 +6,14 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-import src.models  # noqa: F401 - applies the torchvision shim before any test module imports timm
 from src.configs.vit_configs import VIT_DEMO, ViTArch
 from src.data.loader import ImageSet
 from src.data.synthetic import write_fake_tfds
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
+from src.utils.torchvision_shim import allow_torchvision_import
+
+allow_torchvision_import()  # test modules import timm directly
 
 
 @pytest.fixture

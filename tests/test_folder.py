@@ -23,7 +23,7 @@ from src.data.loader import check_task_data, load_split
 from src.data.preprocess import preprocess
 from src.errors import VQTError
 from src.models.checkpoints import write_random_npz
-from src.models.export import FORMAT, load_model
+from src.models.inference import FORMAT, load_model
 from src.utils.layout import Layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
 
 def _cfg(path, **over):
     cfg = get_cfg()
-    cfg.DATA.SOURCE, cfg.DATA.DATAPATH, cfg.DATA.CROPSIZE = "folder", str(path), 32
+    cfg.DATA.SOURCE, cfg.DATA.DATAPATH, cfg.DATA.CROPSIZE, cfg.DATA.INTERPOLATION = "folder", str(path), 32, "bilinear"
     for k, v in over.items():
         setattr(cfg.DATA, k, v)
     return cfg

@@ -120,7 +120,7 @@ def test_pick_is_recorded_and_the_collector_reports_it(assets, tmp_path, capsys)
     # a later run with an explicit lr/wd leaves a second complete lr/wd folder; the pick names it
     assert train.main(_args(assets, out, "--lr", "0.5", "--wd", "0.01")) == 0
     assert train.main(_args(assets, out, "--dont_search")) == 0
-    report = collect.collect(root, FEAT, ["VQTSup_1_adam_final"], [t for t in collect.DEMO_TASKS if t.name == NAME])
+    report = collect.collect(root, FEAT, ["VQTSup_1_adam_final"], [collect.TASKS[NAME]])
     cell = report.cells[("VQTSup_1_adam_final", NAME)]
     assert cell.hyparam == pick["folder"] and len(cell.values) == 5
 

@@ -1,14 +1,17 @@
-"""run_demo_exp.sh with a stub PYTHON that records every train.py call and fails for chosen tasks."""
+"""run_demo_exp.sh with a stub PYTHON that records every train.py call and fails for chosen tasks (the task
+rows, `python -m src.data.tasks --rows`, come from the real interpreter)."""
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-from src.utils.sweep import DEMO_TASKS
+from src.data.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = """#!/usr/bin/env bash
+[ "$1" = -m ] && exec "$REAL_PYTHON" "$@"
 printf '%s\\n' "$*" >> "$STUB_CALLS"
 args=("$@")
 for ((i = 0; i < $#; i++)); do [ "${args[i]}" = DATA.NAME ] && name=${args[i + 1]}; done
@@ -23,7 +26,7 @@ def _run(tmp_path: Path, *args: str, fail: str = "") -> subprocess.CompletedProc
     stub.write_text(STUB)
     stub.chmod(0o755)
     env = os.environ | {"PYTHON": str(stub), "STUB_CALLS": str(tmp_path / "calls"), "STUB_FAIL": fail,
-                        "EXP_ROOT": str(tmp_path / "exp")}
+                        "EXP_ROOT": str(tmp_path / "exp"), "REAL_PYTHON": sys.executable}
     return subprocess.run(["bash", "run_demo_exp.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120, check=False)
 
@@ -34,8 +37,12 @@ def test_every_task_runs_and_failures_are_summarised(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     main = [c for c in calls if "--sparse-mode" not in c]
     sparse = [c for c in calls if "--sparse-mode" in c]
-    assert len(main) == 19 and all(f"DATA.NAME {t.name} " in c for t, c in zip(DEMO_TASKS, main))
-    with_sparsity = [t.name for t in DEMO_TASKS if t.fraction and t.name != "vtab-dtd"]
+    assert len(main) == 19
+    for t, call in zip(TASKS.values(), main):  # the table's rows, in its order
+        assert f"MODEL.H2T.NUM_QUERY_TOKENS {t.q} " in call and f"DATA.NUMBER_CLASSES {t.num_classes} " in call
+        assert f"DATA.NAME {t.name} " in call and f"OUTPUT_DIR {tmp_path}/exp/VQTSup_{t.q}_adam " in call
+    with_sparsity = [t.name for t in TASKS.values() if t.fraction and t.name != "vtab-dtd"]
+    assert [c.split("KEEP_FRAC ")[1] for c in sparse if "featselect" in c] == ["0.7"] * len(with_sparsity)
     assert len(sparse) == 2 * len(with_sparsity) == 22  # compress + featselect, not after a failed main step
     assert not any("DATA.NAME vtab-dtd " in c for c in sparse)
     summary = p.stderr.split("step(s) failed")[1].splitlines()

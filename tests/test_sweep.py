@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from src.data.tasks import GROUPS, TASKS, select_tasks
+from src.engine.sweep import TaskJob, launch, task_commands
 from src.errors import VQTError
-from src.utils.sweep import DEMO_TASKS, GROUPS, TaskJob, launch, select_tasks, task_commands
+
+ALL_TASKS = list(TASKS.values())
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,10 +53,10 @@ def _jobs(tmp_path: Path, names: list[str] | None, fail_on: str = "") -> list[Ta
 
 
 def test_demo_task_table():
-    assert len(DEMO_TASKS) == 19 and len({t.name for t in DEMO_TASKS}) == 19
-    assert sum(t.fraction == 0.7 for t in DEMO_TASKS) == 12
-    assert {t.q for t in DEMO_TASKS if t.fraction is None} == {10, 20}
-    assert [sum(t.group == g for t in DEMO_TASKS) for g in GROUPS] == [7, 4, 8]
+    assert len(ALL_TASKS) == 19 and len({t.name for t in ALL_TASKS}) == 19
+    assert sum(t.fraction == 0.7 for t in ALL_TASKS) == 12
+    assert {t.q for t in ALL_TASKS if t.fraction is None} == {10, 20}
+    assert [sum(t.group == g for t in ALL_TASKS) for g in GROUPS] == [7, 4, 8]
 
 
 def test_default_commands_match_run_demo_exp():
@@ -71,20 +74,20 @@ def test_bad_input_raises():
     with pytest.raises(VQTError, match="vtab-nope"):
         select_tasks(["vtab-nope"])
     with pytest.raises(VQTError, match="bad command template"):
-        task_commands(TaskJob(DEMO_TASKS[0], "f", "adam", ".", "run {gpuidx}"), "0")
+        task_commands(TaskJob(ALL_TASKS[0], "f", "adam", ".", "run {gpuidx}"), "0")
     with pytest.raises(VQTError, match="--cluster"):
         launch([], "kubernetes", "unused")
 
 
 def test_debug_executor_runs_every_task_once(tmp_path):
     results = launch(_jobs(tmp_path, None), "debug", tmp_path / "logs", poll_s=0.01)
-    assert [r.name for r in results] == [t.name for t in DEMO_TASKS] and all(r.ok for r in results)
+    assert [r.name for r in results] == [t.name for t in ALL_TASKS] and all(r.ok for r in results)
     recs = _markers(tmp_path)
     train = sorted(tuple(r["args"][1:]) for r in recs if r["step"] == "train")
-    assert train == sorted((t.name, str(t.classes), str(t.q), "adam", "feat_x") for t in DEMO_TASKS)
+    assert train == sorted((t.name, str(t.num_classes), str(t.q), "adam", "feat_x") for t in ALL_TASKS)
     sparsity = sorted(tuple(r["args"][1:]) for r in recs if r["step"] == "sparsity")
-    assert sparsity == sorted((t.name, str(t.classes), "1", "adam", "feat_x", "0.7")
-                              for t in DEMO_TASKS if t.fraction)
+    assert sparsity == sorted((t.name, str(t.num_classes), "1", "adam", "feat_x", "0.7")
+                              for t in ALL_TASKS if t.fraction)
     for rec in recs:  # the sparsity step of a task starts after its training step
         if rec["step"] == "sparsity":
             assert any(r["step"] == "train" and r["args"][1] == rec["args"][1] and r["end"] <= rec["start"]

@@ -1,41 +1,64 @@
-"""Default configuration (yacs). YAML files override these, then `KEY VALUE` pairs on the command line."""
+"""Default configuration (yacs). YAML files override these, then `KEY VALUE` pairs on the command line.
+
+Every key changes a run's numbers (and enters its identity, `src.engine.identity`) unless it is defined
+with a tag: `_tag(SAME, ...)`, its value never changes a run's numbers (paths, devices, logging, how the
+engine runs); `_tag(PER_RUN, ...)`, it enters each run's identity as that run's lr, weight decay or seed.
+"""
 from __future__ import annotations
 
 import os
 
 from yacs.config import CfgNode
 
-from src.configs.checks import check_values, type_problem
+from src.configs.validate import type_problem
+from src.configs.vit_configs import DEFAULT_FEATURE
 from src.errors import VQTError
 
+SAME, PER_RUN = "same numbers", "per run"
+TAGS: dict[str, str] = {}  # key -> SAME or PER_RUN; untagged keys change numbers
+
+
+def _tag(tag: str, key: str, value) -> None:
+    """Define the dotted `key` with its default `value`, tagged `tag` (SAME or PER_RUN)."""
+    *sections, leaf = key.split(".")
+    node = _C
+    for part in sections:
+        node = node[part]
+    setattr(node, leaf, value)
+    TAGS[key] = tag
+
+
 _C = CfgNode()
-_C.DBG = False                      # a quick check of the pipeline: at most 20 training steps per epoch
-_C.OUTPUT_DIR = "./output"          # experiment root; the protocol adds _val/_final/_sparsefinal
-_C.SEED = 100                       # seed of the search runs (the original's); final runs use 42, 44, 82, 100, 800
-_C.DEVICE = "auto"                  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-_C.CUDNN_BENCHMARK = False          # torch.backends.cudnn.benchmark on a GPU
+_C.DBG = False                         # a quick check of the pipeline: at most 20 training steps per epoch
+_tag(SAME, "OUTPUT_DIR", "./output")   # experiment root; the protocol adds _val/_final/_sparsefinal
+_tag(PER_RUN, "SEED", 100)             # seed of the search runs (the original's); finals: 42, 44, 82, 100, 800
+_tag(SAME, "DEVICE", "auto")           # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+_tag(SAME, "CUDNN_BENCHMARK", False)   # torch.backends.cudnn.benchmark on a GPU
 
 _C.MODEL = CfgNode()
 _C.MODEL.TRANSFER_TYPE = "h2t-prompt"  # only VQT ("h2t-prompt") is implemented
-_C.MODEL.TYPE = "h2t-vit"           # "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3): must match DATA.FEATURE
-_C.MODEL.MODEL_ROOT = ""            # folder holding the pre-trained checkpoints (see MODEL_ZOO)
-_C.MODEL.WEIGHT_PATH = ""           # explicit checkpoint file; overrides MODEL_ROOT/MODEL_ZOO[FEATURE] (with TIMM_NAME:
-                                    # a local .safetensors / .pth / .npz of that model, else the local timm/HF cache)
-_C.MODEL.TIMM_NAME = ""             # a timm ViT instead of the zoo, e.g. vit_base_patch14_reg4_dinov2.lvd142m,
-                                    # vit_base_patch16_clip_224.openai, vit_base_patch16_siglip_224 (never downloaded:
-                                    # scripts/download_weights.py --timm NAME); images get its mean/std
-_C.MODEL.SAVE_CKPT = True           # final and sparsity runs write last_model.pth (trained tensors only) and
-                                    # their val/test logits; compression needs them. Search runs never do.
-_C.MODEL.MLP_NUM = 0                # hidden layers in the head; only 0 (a linear head) is supported
+# "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3): must match DATA.FEATURE
+_C.MODEL.TYPE = "h2t-vit"
+_tag(SAME, "MODEL.MODEL_ROOT", "")     # folder holding the pre-trained checkpoints (see MODEL_ZOO)
+# explicit checkpoint file; overrides MODEL_ROOT/MODEL_ZOO[FEATURE] (with TIMM_NAME: a local .safetensors /
+# .pth / .npz of that model, else the local timm/HF cache)
+_tag(SAME, "MODEL.WEIGHT_PATH", "")
+# a timm ViT instead of the zoo, e.g. vit_base_patch14_reg4_dinov2.lvd142m, vit_base_patch16_clip_224.openai,
+# vit_base_patch16_siglip_224 (never downloaded: scripts/download_weights.py --timm NAME); images get its mean/std
+_C.MODEL.TIMM_NAME = ""
+# final and sparsity runs write last_model.pth (trained tensors only) and their val/test logits;
+# compression needs them. Search runs never do.
+_tag(SAME, "MODEL.SAVE_CKPT", True)
+_C.MODEL.MLP_NUM = 0                   # hidden layers in the head; only 0 (a linear head) is supported
 
 _C.MODEL.H2T = CfgNode()
-_C.MODEL.H2T.NUM_QUERY_TOKENS = 5   # Q, query tokens per layer (0: linear probe on the final feature)
-_C.MODEL.H2T.DROPOUT = 0.0          # dropout on the query tokens during training
-_C.MODEL.H2T.NORMALIZE_FEATS = True  # L2-normalise each feature block (final feature, each layer) before concat
-_C.MODEL.H2T.POOLING_FEATS = False  # mean over a layer's Q outputs instead of flattening them
+_C.MODEL.H2T.NUM_QUERY_TOKENS = 5      # Q, query tokens per layer (0: linear probe on the final feature)
+_C.MODEL.H2T.DROPOUT = 0.0             # dropout on the query tokens during training
+_C.MODEL.H2T.NORMALIZE_FEATS = True    # L2-normalise each feature block (final feature, each layer) before concat
+_C.MODEL.H2T.POOLING_FEATS = False     # mean over a layer's Q outputs instead of flattening them
 _C.MODEL.H2T.WEIGHTED_SUM_FEATS = False  # learned weighted sum over a layer's Q outputs
-_C.MODEL.H2T.LRP_COEF = 0.0         # group lasso on the head's columns, coef * sum_j ||W[:, j]||_2 (compress: > 0)
-_C.MODEL.H2T.KEEP_FRAC = 1.0        # fraction of head-input features kept (featselect only)
+_C.MODEL.H2T.LRP_COEF = 0.0            # group lasso on the head's columns, coef * sum_j ||W[:, j]||_2 (compress: > 0)
+_C.MODEL.H2T.KEEP_FRAC = 1.0           # fraction of head-input features kept (featselect only)
 # The original leaves dropout(0.1) on the frozen ViT's patch+position embeddings active in
 # training. True reproduces that (no exact cache: the backbone runs every step); False makes the
 # frozen path deterministic so its keys/values are cached once (exact, much faster).
@@ -45,48 +68,61 @@ _C.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN = False
 _C.MODEL.H2T.QUERY_ATTENDS_QUERIES = False
 
 _C.SOLVER = CfgNode()
-_C.SOLVER.LOSS = "softmax"          # only softmax cross-entropy
-_C.SOLVER.OPTIMIZER = "sgd"         # "adam" (coupled L2 decay, as torch.optim.Adam) or "sgd"
-_C.SOLVER.MOMENTUM = 0.9            # SGD momentum
-_C.SOLVER.BASE_LR = None            # None: lr/wd from the search. Given (with WEIGHT_DECAY, or --lr/--wd): no search,
-_C.SOLVER.WEIGHT_DECAY = None       # the runs use exactly this lr and L2 decay (head bias never decayed)
-_C.SOLVER.SCHEDULER = "cosine"      # per-epoch linear warm-up then cosine (epoch 0 has lr 0), or "constant"
+_C.SOLVER.LOSS = "softmax"             # only softmax cross-entropy
+_C.SOLVER.OPTIMIZER = "sgd"            # "adam" (coupled L2 decay, as torch.optim.Adam) or "sgd"
+_C.SOLVER.MOMENTUM = 0.9               # SGD momentum
+# None: lr/wd from the search. Given (both, or --lr/--wd): no search, the runs use exactly this lr and
+# L2 decay (head bias never decayed)
+_tag(PER_RUN, "SOLVER.BASE_LR", None)
+_tag(PER_RUN, "SOLVER.WEIGHT_DECAY", None)
+_C.SOLVER.SCHEDULER = "cosine"         # per-epoch linear warm-up then cosine (epoch 0 has lr 0), or "constant"
 _C.SOLVER.WARMUP_EPOCH = 5
 _C.SOLVER.TOTAL_EPOCH = 30
-_C.SOLVER.PATIENCE = 300            # early stopping is not implemented: must be >= TOTAL_EPOCH
-_C.SOLVER.LOG_EVERY_N = 1000        # log the training loss every N steps
-_C.SOLVER.DBG_TRAINABLE = False     # log the trainable tensors and their sizes
+_C.SOLVER.PATIENCE = 300               # early stopping is not implemented: must be >= TOTAL_EPOCH
+_tag(SAME, "SOLVER.LOG_EVERY_N", 1000)  # log the training loss every N steps
+_tag(SAME, "SOLVER.DBG_TRAINABLE", False)  # log the trainable tensors and their sizes
 
 _C.DATA = CfgNode()
-_C.DATA.NAME = ""                   # VTAB task, e.g. 'vtab-clevr(task="count_all")'; with SOURCE folder any name
-_C.DATA.DATAPATH = ""               # TFDS data_dir (SOURCE tfds) or the VTAB-1k image-folder root
-_C.DATA.SOURCE = "tfds"             # "tfds", "imagefolder" (NOAH-style vtab-1k folders) or "folder" (your own
-                                    # images: DATAPATH/{train,val,test}/<class>/*, see src/data/folder.py)
-_C.DATA.FEATURE = "sup_vitb16_224"  # backbone key of MODEL_ZOO, e.g. sup_vitb16_imagenet21k; with MODEL.TIMM_NAME a
-                                    # label for the output folders (a zoo key, e.g. this default, becomes TIMM_NAME)
-_C.DATA.NUMBER_CLASSES = -1         # VTAB: the task's count; SOURCE folder: -1 = from the class folders
-_C.DATA.CROPSIZE = 224              # image side; 0: the backbone's own (timm config; 224 for the zoo)
+_C.DATA.NAME = ""                      # VTAB task, e.g. 'vtab-clevr(task="count_all")'; with SOURCE folder any name
+_tag(SAME, "DATA.DATAPATH", "")        # TFDS data_dir (SOURCE tfds) or the VTAB-1k image-folder root
+# "tfds", "imagefolder" (NOAH-style vtab-1k folders) or "folder" (your own images:
+# DATAPATH/{train,val,test}/<class>/*, see src/data/folder.py)
+_C.DATA.SOURCE = "tfds"
+# backbone key of MODEL_ZOO, e.g. sup_vitb16_imagenet21k; with MODEL.TIMM_NAME a label for the output
+# folders (a zoo key, e.g. this default, becomes TIMM_NAME)
+_C.DATA.FEATURE = DEFAULT_FEATURE
+_C.DATA.NUMBER_CLASSES = -1            # VTAB: the task's count; SOURCE folder: -1 = from the class folders
+_C.DATA.CROPSIZE = 224                 # image side; 0: the backbone's own (timm config; 224 for the zoo)
+# filter resizing SOURCE folder images (Pillow's name, e.g. bicubic); "": the backbone's (timm config;
+# bilinear for the zoo), filled in when a run starts
+_C.DATA.INTERPOLATION = ""
 _C.DATA.BATCH_SIZE = 32
-_C.DATA.NUM_WORKERS = 4             # threads decoding examples
-_C.DATA.PIN_MEMORY = True           # pinned host buffers for cached keys/values copied to a GPU
-_C.DATA.MULTILABEL = False          # VTAB is single-label; True is rejected
-_C.DATA.CLASS_WEIGHTS_TYPE = "none"  # only "none" (unit class weights)
+_tag(SAME, "DATA.NUM_WORKERS", 4)      # threads decoding examples
+_tag(SAME, "DATA.PIN_MEMORY", True)    # pinned host buffers for cached keys/values copied to a GPU
+_C.DATA.MULTILABEL = False             # VTAB is single-label; True is rejected
+_C.DATA.CLASS_WEIGHTS_TYPE = "none"    # only "none" (unit class weights)
 
-# How the protocol runs (not in the original; none of these change a run's numbers in fp32).
+# How the protocol runs (not in the original). The keys tagged SAME only change its speed and memory;
+# CACHE_DTYPE (unless float32), TF32 and AUTOCAST change the numbers (measured drift in benchmarks/README.md).
 _C.ENGINE = CfgNode()
-_C.ENGINE.GRID = True               # train a phase's runs at once on the stacked engine; False: one by one on the
-                                    # reference loop (backbone every step: the original's cost profile)
-_C.ENGINE.CACHE = "auto"            # stacked engine: "auto" caches the frozen path unless EMBED_DROPOUT_IN_TRAIN; "on"; "off"
-_C.ENGINE.CACHE_DTYPE = "float32"   # "float32" (exact), "bfloat16" or "float16" (half the memory)
-_C.ENGINE.CACHE_LOCATION = "auto"   # "auto" (device if it fits, else RAM, else a disk memmap), "device", "cpu", "disk"
-_C.ENGINE.FUSED_KV_GIB = 10.0       # seed groups (each on its own batches) share a pass while their keys/values
-                                    # stay under this many GiB (and 40 % of the free device memory)
-_C.ENGINE.EVAL_BATCH_SIZE = 128     # images per evaluation batch / frozen pass (cache build, test streaming)
-_C.ENGINE.TENSORBOARD = False       # write loss / lr / val top-1 scalars to <run>/tb
-# Faster arithmetic that changes numbers (off by default; measured drift in benchmarks/README.md):
-_C.ENGINE.TF32 = False              # CUDA: TF32 matmuls and convolutions (no effect on the CPU)
-_C.ENGINE.AUTOCAST = "off"          # "off" or "bf16": bf16 autocast over training and evaluation (both engines;
-                                    # the cache is built in fp32, ENGINE.CACHE_DTYPE sets how it is stored)
+# train a phase's runs at once on the stacked engine; False: one by one on the reference loop (backbone
+# every step: the original's cost profile)
+_tag(SAME, "ENGINE.GRID", True)
+# stacked engine: "auto" caches the frozen path unless EMBED_DROPOUT_IN_TRAIN; "on"; "off"
+_tag(SAME, "ENGINE.CACHE", "auto")
+_C.ENGINE.CACHE_DTYPE = "float32"      # "float32" (exact), "bfloat16" or "float16" (half the memory)
+# "auto" (device if it fits, else RAM, else a disk memmap), "device", "cpu", "disk"
+_tag(SAME, "ENGINE.CACHE_LOCATION", "auto")
+# seed groups (each on its own batches) share a pass while their keys/values stay under this many GiB
+# (and 40 % of the free device memory)
+_tag(SAME, "ENGINE.FUSED_KV_GIB", 10.0)
+_tag(SAME, "ENGINE.EVAL_BATCH_SIZE", 128)  # images per evaluation batch / frozen pass (cache build, test streaming)
+_tag(SAME, "ENGINE.TENSORBOARD", False)  # write loss / lr / val top-1 scalars to <run>/tb
+# Faster arithmetic that changes numbers (off by default):
+_C.ENGINE.TF32 = False                 # CUDA: TF32 matmuls and convolutions (no effect on the CPU)
+# "off" or "bf16": bf16 autocast over training and evaluation (both engines; the cache is built in fp32,
+# ENGINE.CACHE_DTYPE sets how it is stored)
+_C.ENGINE.AUTOCAST = "off"
 
 
 def get_cfg() -> CfgNode:
@@ -95,11 +131,13 @@ def get_cfg() -> CfgNode:
 
 
 def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
-    """Defaults, then `config_file`, then `KEY VALUE` pairs; errors name the bad key or file."""
+    """Defaults, then `config_file`, then `KEY VALUE` pairs; errors name the bad key or file. The values
+    are checked by `src.configs.validate.validate` when the protocol starts."""
     cfg = get_cfg()
     if config_file:
         if not os.path.isfile(config_file):
-            raise VQTError(f"config file {config_file!r} does not exist (pass --config-file with a yaml under configs/)")
+            raise VQTError(f"config file {config_file!r} does not exist (pass --config-file with a yaml under "
+                           "configs/)")
         try:
             cfg.merge_from_file(config_file)
         except (KeyError, ValueError, AssertionError) as e:
@@ -117,5 +155,4 @@ def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
             cfg.merge_from_list([key, value])
         except (ValueError, AssertionError):
             raise VQTError(type_problem(key, node, value)) from None
-    check_values(cfg)
     return cfg

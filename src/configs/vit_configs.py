@@ -57,6 +57,9 @@ MODEL_ZOO: dict[str, ZooEntry] = {
 }
 
 
+DEFAULT_FEATURE = "sup_vitb16_224"  # DATA.FEATURE's default
+
+
 def zoo_entry(feature: str) -> ZooEntry:
     """The zoo entry of DATA.FEATURE, or a VQTError listing the valid keys."""
     if feature not in MODEL_ZOO:

@@ -5,7 +5,7 @@ any image format Pillow reads, at any size.
 The protocol's splits map onto the folders: train800 = train (less the validation slice), val200 = val,
 train800val200 = both, test = test. Without a val folder, validation is a stratified `VAL_FRACTION` of
 each train class drawn with seed `VAL_SEED` (the log says so). Images are resized once, when read, to
-the backbone's size with its resampling filter (`src.models.checkpoints.image_config`).
+the backbone's size with its resampling filter (DATA.CROPSIZE and DATA.INTERPOLATION, as resolved).
 
 Bad input stops with one line: a missing train or test folder, an empty class folder, class folders
 that differ between splits. Files Pillow does not recognise as images (README.txt, .DS_Store, ...)
@@ -121,7 +121,7 @@ def scan(root: str) -> FolderData:
     return FolderData(classes, files, val_from_train, skipped + bad)
 
 
-def describe(data: FolderData, root: str) -> str:
+def folder_summary(data: FolderData, root: str) -> str:
     """One log line: classes, images per part, where validation comes from, skipped files."""
     counts = ", ".join(f"{part} {len(files)}" for part, files in data.files.items())
     val = (f"validation: a stratified {VAL_FRACTION:.0%} of train (seed {VAL_SEED}), as {root}/val does not exist"
@@ -152,13 +152,11 @@ def read_images(paths: list[str], size: int, interpolation: str, workers: int) -
 
 
 def folder_source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
-    """(number of examples, (image, label) iterator) of a protocol split of the folder dataset."""
-    from src.models.checkpoints import image_config
-
+    """(number of examples, (image, label) iterator) of a protocol split of the folder dataset, resized to
+    DATA.CROPSIZE with DATA.INTERPOLATION (both resolved from the backbone, `protocol.resolve_cfg`)."""
     data = scan(cfg.DATA.DATAPATH)
     entries = [e for part in PARTS[split] for e in data.files[part]]
-    image = image_config(cfg)
-    images = read_images([p for p, _ in entries], image.size, image.interpolation, cfg.DATA.NUM_WORKERS)
+    images = read_images([p for p, _ in entries], cfg.DATA.CROPSIZE, cfg.DATA.INTERPOLATION, cfg.DATA.NUM_WORKERS)
     return len(entries), zip(images, (label for _, label in entries))
 
 
@@ -167,7 +165,7 @@ def check_folder_data(cfg) -> dict[str, int]:
     DATA.NUMBER_CLASSES; logs what was found."""
     data = scan(cfg.DATA.DATAPATH)
     check_folder_classes(cfg, data.classes)
-    get_logger().info(describe(data, cfg.DATA.DATAPATH))
+    get_logger().info(folder_summary(data, cfg.DATA.DATAPATH))
     return {split: sum(len(data.files[p]) for p in PARTS[split]) for split in ("train800", "val200", "test")}
 
 

@@ -45,11 +45,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, idx) -> ImageSet:
-        """The examples at integer indices (or a boolean mask) `idx`, in that order."""
-        idx = np.arange(len(self))[np.asarray(idx)]
-        return ImageSet([self.images[i] for i in idx], self.labels[idx])
-
 
 @functools.cache
 def import_tfds():
@@ -154,13 +149,6 @@ def data_identity(cfg) -> str:
     return f"imagefolder {task.folder} " + h.hexdigest()[:16]
 
 
-def check_classes(cfg, task: VTABTask) -> None:
-    """DATA.NUMBER_CLASSES must be the task's class count."""
-    if cfg.DATA.NUMBER_CLASSES != task.num_classes:
-        raise VQTError(f"DATA.NUMBER_CLASSES is {cfg.DATA.NUMBER_CLASSES} but {task.name} has {task.num_classes} "
-                       f"classes: set DATA.NUMBER_CLASSES {task.num_classes}")
-
-
 def _decoders(task: VTABTask):
     """Decode only the features the task reads (skips e.g. pet masks and CLEVR questions)."""
     tfds = import_tfds()
@@ -239,20 +227,17 @@ def check_task_data(cfg) -> dict[str, int]:
     if cfg.DATA.SOURCE == "folder":
         return check_folder_data(cfg)
     task = get_task(cfg.DATA.NAME)
-    check_classes(cfg, task)
     counts = {}
     for split in ("train800", "val200", "test"):
         if cfg.DATA.SOURCE == "tfds":
             counts[split] = _count_tfds_records(cfg, task, split)
-        elif cfg.DATA.SOURCE == "imagefolder":
+        else:
             list_file, entries = _folder_entries(cfg, task, split)
             missing = next((path for path, _ in entries if not os.path.isfile(path)), None)
             if missing:
                 raise VQTError(f"{task.name}: {missing}, listed in {list_file}, does not exist: restore the "
                                "image or re-create the VTAB-1k folder")
             counts[split] = len(entries)
-        else:
-            raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds', 'imagefolder' or 'folder'")
     return counts
 
 
@@ -304,15 +289,12 @@ def _source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
     if cfg.DATA.SOURCE == "folder":
         return folder_source(cfg, split)
     task = get_task(cfg.DATA.NAME)
-    check_classes(cfg, task)
     if split not in SPLITS:
         raise VQTError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if cfg.DATA.SOURCE == "tfds":
         n, examples = _tfds_source(cfg, task, split)
-    elif cfg.DATA.SOURCE == "imagefolder":
-        n, examples = _folder_source(cfg, task, split)
     else:
-        raise VQTError(f"DATA.SOURCE is {cfg.DATA.SOURCE!r}: use 'tfds', 'imagefolder' or 'folder'")
+        n, examples = _folder_source(cfg, task, split)
     return n, _checked(examples, task, cfg.DATA.DATAPATH)
 
 

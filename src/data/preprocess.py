@@ -1,4 +1,4 @@
-"""VTAB image preprocessing in torch: TF's legacy bilinear resize and /255 (spec §5.3). The backbone
+"""VTAB image preprocessing in torch: TF's legacy bilinear resize and /255 (as VTAB's). The backbone
 normalises (ImageNet mean/std for the model zoo, the timm config's for timm models)."""
 from __future__ import annotations
 

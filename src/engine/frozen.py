@@ -118,8 +118,6 @@ class FrozenFeatures:
     def __init__(self, backbone: VisionTransformer, images: ImageSet, size: int, device: torch.device, *,
                  cache: bool, dtype: str = "float32", location: str = "auto", batch_size: int = 128,
                  scratch_dir: str | None = None, pin_memory: bool = False):
-        if dtype not in DTYPES:
-            raise VQTError(f"ENGINE.CACHE_DTYPE {dtype!r} is not one of {list(DTYPES)}")
         self.backbone, self.images, self.size, self.device = backbone, images, size, device
         self.embed_dropout = backbone.pos_drop.p
         if cache and self.embed_dropout > 0:
@@ -154,8 +152,6 @@ class FrozenFeatures:
         get_logger().info(f"frozen-path cache: {nbytes / 2**30:.2f} GiB of {dtype} on {location}")
         if location in ("device", "cpu"):
             return torch.empty(shape, dtype=dtype, device=self.device if location == "device" else "cpu")
-        if location != "disk":
-            raise VQTError(f"ENGINE.CACHE_LOCATION {location!r} is not one of auto, device, cpu, disk")
         return disk_cache(shape, dtype, scratch_dir or tempfile.gettempdir())
 
     @torch.no_grad()

@@ -12,13 +12,11 @@ import os
 
 from yacs.config import CfgNode
 
-# Keys that do not change a run's numbers. The lr, weight decay and seed enter per run.
-NOT_NUMBERS = {
-    "OUTPUT_DIR", "DEVICE", "CUDNN_BENCHMARK", "SEED", "MODEL.MODEL_ROOT", "MODEL.WEIGHT_PATH", "MODEL.SAVE_CKPT",
-    "SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY", "SOLVER.LOG_EVERY_N", "SOLVER.DBG_TRAINABLE", "DATA.DATAPATH",
-    "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "ENGINE.GRID", "ENGINE.CACHE", "ENGINE.CACHE_LOCATION",
-    "ENGINE.FUSED_KV_GIB", "ENGINE.EVAL_BATCH_SIZE", "ENGINE.TENSORBOARD",
-}
+from src.configs.defaults import TAGS
+
+# Keys outside the settings: tagged where defined (src/configs/defaults.py), as never changing a run's
+# numbers or as entering per run (the lr, weight decay and seed are added by `run_identity`).
+NOT_SETTINGS = frozenset(TAGS)
 
 
 def _flat(node: CfgNode, prefix: str = "") -> dict[str, object]:
@@ -48,7 +46,7 @@ def digest(path: str) -> str:
 
 def task_settings(cfg: CfgNode, weights: str, data: str) -> dict[str, str]:
     """The settings every run of a task shares: config keys that change numbers, weights and data identity."""
-    out = {k: repr(v) for k, v in _flat(cfg).items() if k not in NOT_NUMBERS}
+    out = {k: repr(v) for k, v in _flat(cfg).items() if k not in NOT_SETTINGS}
     return out | {"weights": digest(weights), "data": data}
 
 
@@ -64,4 +62,5 @@ def differences(recorded: dict, wanted: dict) -> list[str]:
     new = wanted["settings"]
     if not old:
         return ["(no identity recorded)"]
-    return [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]

@@ -14,25 +14,23 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
-from src.configs.defaults import get_cfg
-from src.configs.vit_configs import MODEL_ZOO, zoo_entry
+from src.configs.validate import validate
+from src.configs.vit_configs import MODEL_ZOO
 from src.data.folder import check_folder_classes, scan, write_classes
-from src.data.loader import ImageSet, check_classes, check_task_data, data_identity, load_split, stream_split
-from src.data.tasks import get_task
+from src.data.loader import ImageSet, check_task_data, data_identity, load_split, stream_split
 from src.engine.frozen import CacheDoesNotFit, FrozenFeatures
 from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
-from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
+from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.engine.train import Engine, train_phase
 from src.errors import VQTError
-from src.models.checkpoints import build_backbone, image_config, weight_path
+from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
 from src.models.vqt import HEAD_B, HEAD_W, QuerySpec
 from src.utils.device import describe_device, resolve_device
 from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
 from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
-SPARSE_MODES = ("compress", "featselect")
 LARGE_ARCH_FEATS = ("sup_vitl16_imagenet21k", "sup_vith14_imagenet21k")
 
 
@@ -47,34 +45,6 @@ def lr_wd_grid(optimizer: str, arch_feats: str = "") -> tuple[list[float], list[
     else:
         raise VQTError(f"no search grid for SOLVER.OPTIMIZER {optimizer!r}; use adam or sgd")
     return sorted(lrs, reverse=True), sorted(wds, reverse=True)
-
-
-def check_supported(cfg: CfgNode) -> None:
-    """Reject the original's options that are not implemented, and contradictory settings (one line each)."""
-    m, sol, data, eng = cfg.MODEL, cfg.SOLVER, cfg.DATA, cfg.ENGINE
-    problems = {
-        f"MODEL.TRANSFER_TYPE {m.TRANSFER_TYPE!r}: only h2t-prompt (VQT)": m.TRANSFER_TYPE != "h2t-prompt",
-        "MODEL.MLP_NUM must be 0: only a linear head is implemented": m.MLP_NUM != 0,
-        f"SOLVER.OPTIMIZER {sol.OPTIMIZER!r}: use adam or sgd (adamw is not implemented)":
-            sol.OPTIMIZER not in ("adam", "sgd"),
-        f"SOLVER.SCHEDULER {sol.SCHEDULER!r}: use cosine or constant": sol.SCHEDULER not in ("cosine", "constant"),
-        f"SOLVER.LOSS {sol.LOSS!r}: only softmax cross-entropy": sol.LOSS != "softmax",
-        f"SOLVER.PATIENCE {sol.PATIENCE} < TOTAL_EPOCH: early stopping is not implemented; set PATIENCE >= TOTAL_EPOCH":
-            sol.PATIENCE < sol.TOTAL_EPOCH,
-        "DATA.MULTILABEL True: VTAB tasks are single-label": data.MULTILABEL,
-        f"DATA.CLASS_WEIGHTS_TYPE {data.CLASS_WEIGHTS_TYPE!r}: only none": data.CLASS_WEIGHTS_TYPE != "none",
-        "give both SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY (or --lr and --wd) to skip the search, or neither":
-            (sol.BASE_LR is None) != (sol.WEIGHT_DECAY is None),
-        f"ENGINE.CACHE {eng.CACHE!r} is not one of auto, on, off": eng.CACHE not in ("auto", "on", "off"),
-        f"ENGINE.AUTOCAST {eng.AUTOCAST!r} is not one of {', '.join(AUTOCAST)}": eng.AUTOCAST not in AUTOCAST,
-        "ENGINE.CACHE on needs ENGINE.GRID True (the reference loop runs the backbone every step)":
-            eng.CACHE == "on" and not eng.GRID,
-        "ENGINE.CACHE on is not exact with MODEL.H2T.EMBED_DROPOUT_IN_TRAIN True (the frozen path is random in "
-        "training); use ENGINE.CACHE auto or off": eng.CACHE == "on" and m.H2T.EMBED_DROPOUT_IN_TRAIN,
-    }
-    for message, bad in problems.items():
-        if bad:
-            raise VQTError(message)
 
 
 def find_best_lrwd(layout: Layout) -> tuple[float, float]:
@@ -112,7 +82,6 @@ class Task:
     engine, their frozen path; `train` picks the engine."""
 
     def __init__(self, cfg: CfgNode, overwrite: bool = False):
-        check_names(cfg)
         self.cfg = cfg
         self.layout = Layout.from_cfg(cfg)
         self.spec = QuerySpec.from_cfg(cfg)
@@ -291,10 +260,6 @@ def _finished_run(run: RunDir, what: str, fix: str, lock: TaskLock) -> dict:
 
 def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
     h2t = cfg.MODEL.H2T
-    if mode == "compress" and not (h2t.KEEP_FRAC == 1.0 and h2t.LRP_COEF > 0):
-        raise VQTError("compress needs MODEL.H2T.KEEP_FRAC 1.0 and MODEL.H2T.LRP_COEF > 0")
-    if mode == "featselect" and not (0 < h2t.KEEP_FRAC <= 1.0 and h2t.LRP_COEF == 0.0):
-        raise VQTError("featselect needs 0 < MODEL.H2T.KEEP_FRAC <= 1.0 and MODEL.H2T.LRP_COEF 0.0")
     layout = task.layout
     lr, wd = _lr_wd(cfg, layout, "sparse")
     stage = stage_name(mode, h2t.KEEP_FRAC)
@@ -318,26 +283,17 @@ def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
         _report_test(runs, cfg.DATA.NAME, stage)
 
 
-def check_names(cfg: CfgNode) -> None:
-    """The VTAB task (and its class count) and the zoo backbone exist, where they are named."""
-    if cfg.DATA.SOURCE != "folder":
-        check_classes(cfg, get_task(cfg.DATA.NAME))
-    if not cfg.MODEL.TIMM_NAME:
-        zoo_entry(cfg.DATA.FEATURE)
-
-
 def resolve_cfg(cfg: CfgNode) -> CfgNode:
     """A copy of `cfg` with what a run derives filled in (the runs' config.yaml record it): DATA.CROPSIZE 0
-    -> the backbone's size; with MODEL.TIMM_NAME, a zoo key in DATA.FEATURE (the default) -> the timm name;
+    -> the backbone's size, DATA.INTERPOLATION "" -> its resampling filter; with MODEL.TIMM_NAME, a zoo key
+    in DATA.FEATURE (the default) -> the timm name;
     SOURCE folder: an empty DATA.NAME -> the DATAPATH folder's name, DATA.NUMBER_CLASSES -1 -> the classes."""
     cfg = cfg.clone()
     cfg.defrost()
     if cfg.MODEL.TIMM_NAME and cfg.DATA.FEATURE in MODEL_ZOO:
-        if cfg.DATA.FEATURE != get_cfg().DATA.FEATURE:
-            raise VQTError(f"MODEL.TIMM_NAME {cfg.MODEL.TIMM_NAME} and the zoo backbone DATA.FEATURE {cfg.DATA.FEATURE} "
-                           "are both given: drop one (with TIMM_NAME, DATA.FEATURE only labels the output folders)")
         cfg.DATA.FEATURE = cfg.MODEL.TIMM_NAME
-    cfg.DATA.CROPSIZE = image_config(cfg).size
+    image = backbone_image_config(cfg)
+    cfg.DATA.CROPSIZE, cfg.DATA.INTERPOLATION = image.size, image.interpolation
     if cfg.DATA.SOURCE == "folder":
         cfg.DATA.NAME = cfg.DATA.NAME or os.path.basename(os.path.normpath(cfg.DATA.DATAPATH))
         classes = scan(cfg.DATA.DATAPATH).classes
@@ -351,9 +307,7 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
                  arch_feats: str = "", overwrite: bool = False) -> None:
     """Search (unless `dont_search` or an lr/wd is given) then the 5 final runs; or one compression
     stage (`sparse_mode`). `overwrite`: retrain finished runs whose settings changed."""
-    check_supported(cfg)
-    if sparse_mode is not None and sparse_mode not in SPARSE_MODES:
-        raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
+    validate(cfg, sparse_mode)
     setup_logging()
     counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
@@ -366,8 +320,6 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
         if sparse_mode is not None:
             _sparse(task, cfg, sparse_mode)
             return
-        if cfg.MODEL.H2T.KEEP_FRAC != 1.0:
-            raise VQTError("MODEL.H2T.KEEP_FRAC applies to --sparse-mode featselect only; leave it at 1.0")
         if not dont_search and cfg.SOLVER.BASE_LR is None:
             _search(task, cfg, arch_feats)
         _finals(task, cfg)

@@ -1,5 +1,1 @@
-"""Models. Importing this package first makes `import timm` work next to CPU-only torch (see
-`src.utils.torchvision_shim`): every module here may then import timm."""
-from src.utils.torchvision_shim import allow_torchvision_import
-
-allow_torchvision_import()
+"""Models: the frozen ViT (vit.py, timm_backbone.py), its checkpoints, VQT (vqt.py) and inference."""

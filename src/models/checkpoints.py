@@ -1,5 +1,5 @@
 """Pre-trained ViT checkpoints: load Google/JAX `.npz`, MAE `.pth` and MoCo-v3 `.pth.tar` files into
-`VisionTransformer`, and write random checkpoints in the same layouts (tests and the demo).
+`VisionTransformer`, and write a random `.npz` in the JAX layout (the demo's backbone).
 
 Every parameter of the model is set from the file exactly once (MAE: `fc_norm` is not in the file and
 is reset to weight 1 / bias 0 as in the original; the file's final `norm` is unused). Missing keys,
@@ -20,8 +20,7 @@ from scipy import ndimage
 
 from src.configs.vit_configs import ViTArch, zoo_entry
 from src.errors import VQTError
-from src.models.timm_backbone import ImageConfig, build_timm_backbone, cached_weights
-from src.models.timm_backbone import image_config as timm_image_config
+from src.models.timm_backbone import ImageConfig, build_timm_backbone, cached_weights, image_config
 from src.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 
 FORMATS = {
@@ -40,9 +39,10 @@ def _describe(arch: ViTArch) -> str:
 def _unreadable(path: str, fmt: str, err: Exception) -> VQTError:
     with open(path, "rb") as f:
         head = f.read(512).lstrip().lower()
-    what = "an HTML page (a failed download?)" if head.startswith((b"<!doctype html", b"<html")) else "corrupt or truncated"
-    return VQTError(f"cannot read checkpoint {path} as {FORMATS[fmt]}: the file is {what} ({type(err).__name__}: {err}); "
-                    f"delete it and re-run `python scripts/download_weights.py`")
+    html = head.startswith((b"<!doctype html", b"<html"))
+    what = "an HTML page (a failed download?)" if html else "corrupt or truncated"
+    return VQTError(f"cannot read checkpoint {path} as {FORMATS[fmt]}: the file is {what} ({type(err).__name__}: "
+                    f"{err}); delete it and re-run `python scripts/download_weights.py`")
 
 
 def _reader(arrays: Mapping, path: str, fmt: str, arch: ViTArch, prefix: str = "") -> Reader:
@@ -111,7 +111,8 @@ def _npz_params(read: Reader, model: VisionTransformer, path: str) -> dict[str, 
                 read(f"{att}MultiHeadDotProductAttention_1/{n}/kernel", (d, h, hd)).reshape(d, d).T for n in qkv]),
             blk + "attn.qkv.bias": torch.cat([
                 read(f"{att}MultiHeadDotProductAttention_1/{n}/bias", (h, hd)).reshape(d) for n in qkv]),
-            blk + "attn.proj.weight": read(att + "MultiHeadDotProductAttention_1/out/kernel", (h, hd, d)).reshape(d, d).T,
+            blk + "attn.proj.weight":
+                read(att + "MultiHeadDotProductAttention_1/out/kernel", (h, hd, d)).reshape(d, d).T,
             blk + "attn.proj.bias": read(att + "MultiHeadDotProductAttention_1/out/bias", (d,)),
             blk + "norm2.weight": read(att + "LayerNorm_2/scale", (d,)),
             blk + "norm2.bias": read(att + "LayerNorm_2/bias", (d,)),
@@ -202,13 +203,15 @@ def load_backbone(model: VisionTransformer, path: str, fmt: str) -> None:
             model.fc_norm.bias.zero_()
 
 
-def image_config(cfg) -> ImageConfig:
+def backbone_image_config(cfg) -> ImageConfig:
     """How the configured backbone wants its images: the timm config's size (or DATA.CROPSIZE when > 0),
     mean, std and resampling filter for MODEL.TIMM_NAME; DATA.CROPSIZE (0: 224), ImageNet mean/std and
-    bilinear resampling for the zoo."""
+    bilinear resampling for the zoo. DATA.INTERPOLATION, when set, replaces the filter."""
     if cfg.MODEL.TIMM_NAME:
-        return timm_image_config(cfg.MODEL.TIMM_NAME, cfg.DATA.CROPSIZE)
-    return ImageConfig(cfg.DATA.CROPSIZE or 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+        image = image_config(cfg.MODEL.TIMM_NAME, cfg.DATA.CROPSIZE)
+    else:
+        image = ImageConfig(cfg.DATA.CROPSIZE or 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    return dataclasses.replace(image, interpolation=cfg.DATA.INTERPOLATION or image.interpolation)
 
 
 def weight_path(cfg) -> str:
@@ -228,13 +231,10 @@ def build_backbone(cfg) -> VisionTransformer:
     MODEL.H2T.EMBED_DROPOUT_IN_TRAIN, else off."""
     if cfg.MODEL.TIMM_NAME:
         return build_timm_backbone(cfg.MODEL.TIMM_NAME, cfg.MODEL.WEIGHT_PATH, cfg.DATA.CROPSIZE)
-    feature = cfg.DATA.FEATURE
-    entry = zoo_entry(feature)
-    if cfg.MODEL.TYPE != entry.model_type:
-        raise VQTError(f"DATA.FEATURE {feature} needs MODEL.TYPE {entry.model_type!r}, got {cfg.MODEL.TYPE!r}")
+    entry = zoo_entry(cfg.DATA.FEATURE)
     try:
         embed_dropout = entry.arch.embed_dropout if cfg.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN else 0.0
-        model = VisionTransformer(entry.arch, image_config(cfg).size, embed_dropout)
+        model = VisionTransformer(entry.arch, backbone_image_config(cfg).size, embed_dropout)
     except ValueError as e:
         raise VQTError(f"DATA.CROPSIZE {cfg.DATA.CROPSIZE}: {e}") from None
     path = weight_path(cfg)
@@ -245,7 +245,7 @@ def build_backbone(cfg) -> VisionTransformer:
 
 # ---- random checkpoints in the real layouts -------------------------------------------------------
 
-def _random(rng: np.random.Generator, shape: tuple[int, ...], init: str | int) -> np.ndarray:
+def random_weights(rng: np.random.Generator, shape: tuple[int, ...], init: str | int) -> np.ndarray:
     """float32 values: "scale" ~ 1 + 0.1·N (LayerNorm), "small" ~ 0.02·N, an int fan_in ~ N / sqrt(fan_in)."""
     z = rng.standard_normal(shape)
     if init == "scale":
@@ -289,36 +289,4 @@ def write_random_npz(path: str, arch: ViTArch, img_size: int = 224, seed: int = 
         layout |= {"head/kernel": ((d, num_classes), d), "head/bias": ((num_classes,), "small")}
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:  # a file object keeps np.savez from appending ".npz" to the name
-        np.savez(f, **{k: _random(rng, shape, init) for k, (shape, init) in layout.items()})
-
-
-def _random_timm_state(arch: ViTArch, img_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random timm-style encoder weights (timm's names for CLS pooling: the final `norm.*` included)."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for name, p in VisionTransformer(dataclasses.replace(arch, pool="token"), img_size).named_parameters():
-        shape = tuple(p.shape)
-        if name in ("cls_token", "pos_embed") or name.endswith("bias"):
-            init: str | int = "small"
-        elif len(shape) == 1:
-            init = "scale"
-        else:
-            init = math.prod(shape[1:])
-        state[name] = torch.from_numpy(_random(rng, shape, init))
-    return state
-
-
-def write_random_mae(path: str, arch: ViTArch, img_size: int = 224, seed: int = 0) -> None:
-    """A random MAE pre-training checkpoint: `{'model': encoder state dict}` with timm keys and `norm.*`."""
-    torch.save({"model": _random_timm_state(arch, img_size, seed)}, path)
-
-
-def write_random_moco(path: str, arch: ViTArch, img_size: int = 224, seed: int = 0,
-                      num_classes: int = 1000) -> None:
-    """A random MoCo-v3 linear-probe checkpoint: `state_dict` with `module.`-prefixed timm keys and a head."""
-    state = _random_timm_state(arch, img_size, seed)
-    rng = np.random.default_rng(seed + 1)
-    state["head.weight"] = torch.from_numpy(_random(rng, (num_classes, arch.embed_dim), arch.embed_dim))
-    state["head.bias"] = torch.zeros(num_classes)
-    torch.save({"epoch": 90, "arch": "vit_base", "best_acc1": torch.tensor(0.0),
-                "state_dict": {"module." + k: v for k, v in state.items()}}, path)
+        np.savez(f, **{k: random_weights(rng, shape, init) for k, (shape, init) in layout.items()})

@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import timm
 import torch
 
 from src.errors import VQTError
+from src.utils.torchvision_shim import allow_torchvision_import
+
+allow_torchvision_import()  # before timm, which imports torchvision
+
+import timm
+
 from src.models.vit import SUPPORTED, Unsupported, VisionTransformer, check_supported
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".pt", ".bin", ".npz")

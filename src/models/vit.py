@@ -19,13 +19,17 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from src.configs.vit_configs import ViTArch
+from src.utils.torchvision_shim import allow_torchvision_import
+
+allow_torchvision_import()  # before timm, which imports torchvision
+
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import global_pool_nlc
-from torch import nn
-
-from src.configs.vit_configs import ViTArch
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, tokens, head_dim) each
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from src.errors import VQTError
-
 
 class StackedOptimizer:
     """Adam or SGD for tensors shaped (G, ...). `decay[i]` says whether tensor i is decayed."""
 
     def __init__(self, params: list[torch.Tensor], decay: list[bool], kind: str, momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        if kind not in ("adam", "sgd"):
-            raise VQTError(f"SOLVER.OPTIMIZER {kind!r} is not supported; use 'adam' or 'sgd'")
         self.params, self.decay, self.kind = params, decay, kind
         self.momentum, self.betas, self.eps = momentum, betas, eps
         self.state: list[dict] = [{} for _ in params]

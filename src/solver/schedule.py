@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-from src.errors import VQTError
-
 
 def lr_factor(epoch: int, warmup: int, total: int, scheduler: str = "cosine") -> float:
     """Factor of BASE_LR used during 0-based `epoch`: linear warm-up from 0, then half-cosine.
@@ -12,8 +10,6 @@ def lr_factor(epoch: int, warmup: int, total: int, scheduler: str = "cosine") ->
     Epoch 0 trains with lr 0 (as the original's LambdaLR does); with `scheduler="constant"` 1.0."""
     if scheduler == "constant":
         return 1.0
-    if scheduler != "cosine":
-        raise VQTError(f"SOLVER.SCHEDULER {scheduler!r} is not supported; use 'cosine' or 'constant'")
     if epoch < warmup:
         return epoch / max(1, warmup)
     progress = (epoch - warmup) / max(1, total - warmup)

@@ -4,7 +4,7 @@ The torchvision wheel pinned with torch 2.13 is a CUDA build whose `_C.so` canno
 torch; its import then fails registering fake kernels for two ops that `_C.so` would have defined.
 Declaring those op schemas first lets the import succeed; torchvision's C++ ops (nms) stay
 unavailable, and vqt never uses them. Where `_C.so` loads (CUDA torch), this does nothing.
-`src.models` calls it on import, before any module imports timm.
+The modules that import timm (`src.models.vit`, `src.models.timm_backbone`) call it first.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run the `run_demo_exp.sh` VTAB-1k tasks as submitit jobs (Slurm, local processes, or in-process)."""
+"""Run VTAB-1k tasks of the table in `src.data.tasks` as submitit jobs (Slurm, local processes, or in-process)."""
 from __future__ import annotations
 
 import collections
@@ -11,54 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.data.tasks import get_task
+from src.data.tasks import VTABTask
 from src.errors import VQTError
-
-
-@dataclass(frozen=True)
-class DemoTask:
-    """One row of `run_demo_exp.sh`: DATA.NAME, Q, sparsity keep fraction and a short label;
-    the class count and VTAB group come from the task registry."""
-
-    name: str
-    q: int
-    fraction: float | None
-    short: str
-
-    @property
-    def classes(self) -> int:
-        return get_task(self.name).num_classes
-
-    @property
-    def group(self) -> str:
-        return get_task(self.name).group
-
-
-GROUPS = ("Natural", "Specialized", "Structured")
-
-# The 19 tasks in run_demo_exp.sh order (spec §2.6).
-DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("vtab-caltech101", 1, 0.7, "caltech101"),
-    DemoTask("vtab-dtd", 1, 0.7, "dtd"),
-    DemoTask("vtab-oxford_flowers102", 1, 0.7, "flowers102"),
-    DemoTask("vtab-oxford_iiit_pet", 1, 0.7, "pets"),
-    DemoTask("vtab-cifar(num_classes=100)", 1, 0.7, "cifar100"),
-    DemoTask("vtab-patch_camelyon", 1, 0.7, "camelyon"),
-    DemoTask("vtab-resisc45", 1, 0.7, "resisc45"),
-    DemoTask('vtab-diabetic_retinopathy(config="btgraham-300")', 1, 0.7, "retinopathy"),
-    DemoTask("vtab-eurosat", 1, 0.7, "eurosat"),
-    DemoTask('vtab-clevr(task="count_all")', 1, 0.7, "clevr-count"),
-    DemoTask('vtab-dsprites(predicted_attribute="label_orientation",num_classes=16)', 1, 0.7, "dsprites-ori"),
-    DemoTask("vtab-sun397", 1, 0.7, "sun397"),
-    DemoTask('vtab-smallnorb(predicted_attribute="label_elevation")', 10, None, "smallnorb-ele"),
-    DemoTask('vtab-clevr(task="closest_object_distance")', 10, None, "clevr-dist"),
-    DemoTask("vtab-svhn", 20, None, "svhn"),
-    DemoTask("vtab-dmlab", 20, None, "dmlab"),
-    DemoTask('vtab-dsprites(predicted_attribute="label_x_position",num_classes=16)', 20, None, "dsprites-loc"),
-    DemoTask('vtab-smallnorb(predicted_attribute="label_azimuth")', 20, None, "smallnorb-azi"),
-    DemoTask('vtab-kitti(task="closest_vehicle_distance")', 20, None, "kitti"),
-)
-TASKS_BY_NAME: dict[str, DemoTask] = {t.name: t for t in DEMO_TASKS}
 
 TRAIN_TEMPLATE = "bash scripts/VQT/run_vqt_vtab.sh {gpu} {name} {classes} {q} {optimizer} {feature}"
 SPARSITY_TEMPLATE = (
@@ -68,21 +22,11 @@ TEMPLATE_FIELDS = ("gpu", "name", "classes", "q", "optimizer", "feature", "fract
 STDERR_TAIL_LINES = 20
 
 
-def select_tasks(names: Sequence[str] | None) -> list[DemoTask]:
-    """The demo tasks named (all when None), in run_demo_exp.sh order; unknown names raise VQTError."""
-    if not names:
-        return list(DEMO_TASKS)
-    unknown = [n for n in names if n not in TASKS_BY_NAME]
-    if unknown:
-        raise VQTError(f"unknown task(s) {unknown} in --tasks; valid names: {', '.join(TASKS_BY_NAME)}")
-    return [t for t in DEMO_TASKS if t.name in set(names)]
-
-
 @dataclass(frozen=True)
 class TaskJob:
     """What one job runs: the task, its settings and the command templates (see `task_commands`)."""
 
-    task: DemoTask
+    task: VTABTask
     feature: str
     optimizer: str
     workdir: str
@@ -114,7 +58,7 @@ def _format(template: str, fields: dict[str, object]) -> list[str]:
 def task_commands(job: TaskJob, gpu: str) -> list[list[str]]:
     """argv of the training command, then of the sparsity command when the task has a keep fraction."""
     t = job.task
-    fields = {"gpu": gpu, "name": t.name, "classes": t.classes, "q": t.q, "optimizer": job.optimizer,
+    fields = {"gpu": gpu, "name": t.name, "classes": t.num_classes, "q": t.q, "optimizer": job.optimizer,
               "feature": job.feature, "fraction": t.fraction}
     commands = [_format(job.train_template, fields)]
     if t.fraction is not None:

@@ -1,5 +1,5 @@
-"""Trained VQT models you can use: load a final run (or an export file) into the single-run `VQT` module,
-write self-contained export files, and predict class names and probabilities for image files.
+"""Inference with trained VQT models: load a final run (or an export file) into the single-run `VQT`
+module, write self-contained export files, and predict class probabilities for image files.
 
 An export file (`torch.save`d dict, format `FORMAT`) holds what a run trained (query tokens, combine
 weights, head, selected feature ids) with its `QuerySpec`, the backbone's identity (timm name or zoo
@@ -18,12 +18,11 @@ import torch
 from yacs.config import CfgNode
 
 from src.configs.defaults import load_cfg
-from src.configs.vit_configs import zoo_entry
 from src.data.folder import read_classes, read_images
 from src.data.preprocess import preprocess
 from src.errors import VQTError
-from src.models.checkpoints import build_backbone, image_config
-from src.models.timm_backbone import ImageConfig, cached_weights
+from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
+from src.models.timm_backbone import ImageConfig
 from src.models.vqt import VQT, QuerySpec
 
 FORMAT = "vqt-export/1"
@@ -80,12 +79,9 @@ def _parents(path: str) -> list[str]:
 
 
 def _weights(cfg: CfgNode, run_dir: str) -> str:
-    """The absolute path of the backbone weights a run used ("" = timm's local cache)."""
-    if cfg.MODEL.WEIGHT_PATH:
-        return _find(cfg.MODEL.WEIGHT_PATH, run_dir, "MODEL.WEIGHT_PATH")
-    if cfg.MODEL.TIMM_NAME:
-        return cached_weights(cfg.MODEL.TIMM_NAME) or ""
-    return _find(os.path.join(cfg.MODEL.MODEL_ROOT, zoo_entry(cfg.DATA.FEATURE).file), run_dir, "MODEL.MODEL_ROOT")
+    """The absolute path of the backbone weights a run used (`weight_path`; "" = timm's local cache)."""
+    path = weight_path(cfg)
+    return _find(path, run_dir, "MODEL.WEIGHT_PATH" if cfg.MODEL.WEIGHT_PATH else "MODEL.MODEL_ROOT") if path else ""
 
 
 def run_export(run_dir: str, weights: str = "") -> dict:
@@ -102,7 +98,8 @@ def run_export(run_dir: str, weights: str = "") -> dict:
                 "weights": os.path.abspath(weights) if weights else _weights(cfg, run_dir)}
     return {"format": FORMAT, "backbone": backbone, "spec": dataclasses.asdict(QuerySpec.from_cfg(cfg)),
             "trained": ckpt["model"], "feat_ids": ckpt.get("feat_ids"),
-            "image": dataclasses.asdict(image_config(cfg)), "classes": classes, "run": os.path.abspath(run_dir)}
+            "image": dataclasses.asdict(backbone_image_config(cfg)), "classes": classes,
+            "run": os.path.abspath(run_dir)}
 
 
 def load_export(export: dict, device: torch.device | str = "cpu") -> Loaded:
@@ -125,7 +122,8 @@ def load_model(path: str, device: torch.device | str = "cpu", weights: str = "")
     try:
         export = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
-        raise VQTError(f"cannot read {path} as a VQT export ({type(e).__name__}): write one with scripts/export.py") from None
+        raise VQTError(f"cannot read {path} as a VQT export ({type(e).__name__}): write one with scripts/export.py"
+                       ) from None
     if not isinstance(export, dict) or export.get("format") != FORMAT:
         raise VQTError(f"{path} is not a VQT export ({FORMAT}): write one with scripts/export.py")
     if weights:
