@@ -222,7 +222,7 @@ def _train(cfg, backbone, images, specs, root, cache=True):
     data = TaskData(images, torch.arange(40), torch.arange(40, 60), 32, torch.device("cpu"))
     for (_, rec), ckpt in zip(jobs, fit_grid(QuerySpec.from_cfg(cfg), frozen, jobs, Recipe.from_cfg(cfg), data, 10.0)):
         rec.finish(ckpt)
-    return [r.dir.load_checkpoint()["model"] for r in runs if r.dir.done["status"] == "ok"], \
+    return [r.dir.load_checkpoint()["model"] for r in runs if r.dir.record["status"] == "ok"], \
         [r.dir.load_results() for r in runs]
 
 
@@ -248,7 +248,7 @@ def test_diverged_member_is_recorded_and_others_finish(backbone, images, tmp_pat
     _train(cfg, backbone, images, [(0.01, 0.0, 1), (1e38, 0.0, 1)], tmp_path)
     (tmp_path / "m0").rename(tmp_path / "ok")
     (tmp_path / "m1").rename(tmp_path / "nan")
-    ok, bad = (RunDir(str(tmp_path / n)).done for n in ("ok", "nan"))
+    ok, bad = (RunDir(str(tmp_path / n)).record for n in ("ok", "nan"))
     assert ok["status"] == "ok" and ok["epochs"] == 3
     assert bad["status"] == "diverged" and "loss is" in bad["message"]
     assert "NaN loss" in (tmp_path / "nan" / "logs.txt").read_text()

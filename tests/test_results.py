@@ -52,7 +52,7 @@ def test_changed_setting_is_not_silently_reused(assets, tmp_path, capsys):
     assert train.main(_args(assets, out, *given, SOLVER__TOTAL_EPOCH=3)) == 2
     err = _err(capsys)
     assert err.startswith("error: 5 finished final runs") and "SOLVER.TOTAL_EPOCH 2 -> 3" in err and "--overwrite" in err
-    assert all(r.done["epochs"] == 2 for r in runs)
+    assert all(r.record["epochs"] == 2 for r in runs)
     # settings that do not change numbers stay out of the identity: reused
     assert train.main(_args(assets, out, *given, ENGINE__EVAL_BATCH_SIZE=64, SOLVER__LOG_EVERY_N=7)) == 0
     assert [os.path.getmtime(r.file("DONE")) for r in runs] == stamps
@@ -62,7 +62,7 @@ def test_changed_setting_is_not_silently_reused(assets, tmp_path, capsys):
     assert train.main(_args(assets, out, *given, weights=other)) == 2
     assert "weights" in _err(capsys)
     assert train.main(_args(assets, out, *given, "--overwrite", SOLVER__TOTAL_EPOCH=3)) == 0
-    assert all(r.done["epochs"] == 3 for r in runs)
+    assert all(r.record["epochs"] == 3 for r in runs)
 
 
 def _nan_checkpoint(path, good):
@@ -81,7 +81,7 @@ def test_all_diverged_search_is_said_and_a_fixed_rerun_retrains(assets, tmp_path
     weights.write_bytes((assets / "demo.npz").read_bytes())  # the cause fixed: a new identity
     assert train.main(_args(assets, out, weights=weights, SOLVER__TOTAL_EPOCH=2)) == 0
     search = [r for _, _, r in Layout(out, NAME, FEAT, 128).search_runs()]
-    assert len(search) == 20 and all(r.done["status"] == "ok" for r in search)
+    assert len(search) == 20 and all(r.record["status"] == "ok" for r in search)
 
 
 def test_unreadable_records_are_redone(assets, tmp_path):
@@ -95,7 +95,7 @@ def test_unreadable_records_are_redone(assets, tmp_path):
     Path(runs[3].file("DONE")).write_text('{"status": "ok"')          # truncated JSON
     assert train.main(_args(assets, out, *given)) == 0
     for k, r in enumerate(runs):
-        assert r.finished["status"] == "ok"
+        assert r.record["status"] == "ok"
         assert (os.path.getmtime(r.file("DONE")) == stamps[k]) == (k in (0, 4))
 
 
