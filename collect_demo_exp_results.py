@@ -23,14 +23,25 @@ import numpy as np
 
 from src.errors import VQTError
 from src.utils.cli import HelpFormatter
-from src.utils.layout import PHASES, RunDir, RunState, TaskLock, phase_lock, read_pick, run_name, stage_name, task_dir
+from src.utils.layout import (
+    PHASES,
+    RunDir,
+    RunState,
+    TaskLock,
+    phase_lock,
+    read_pick,
+    run_name,
+    setting_name,
+    stage_name,
+    task_dir,
+)
 from src.utils.quiet import quiet_tensorflow
 from src.utils.sweep import DEMO_TASKS, GROUPS, DemoTask, select_tasks
 
 
 def demo_setting(task: DemoTask, optimizer: str = "adam") -> str:
     """The setting run_demo_exp.sh reports a task from: the sparsity runs when it has a keep fraction."""
-    return f"VQTSup_{task.q}_{optimizer}" + PHASES["sparse" if task.fraction is not None else "final"]
+    return setting_name(task.q, optimizer) + PHASES["sparse" if task.fraction is not None else "final"]
 
 
 # task -> setting its number comes from (Q=1 tasks: sparsefinal keep_frac_0.7; Q=10/20: final).

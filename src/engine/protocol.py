@@ -98,7 +98,8 @@ def find_best_lrwd(layout: Layout, grid: list[Run]) -> tuple[float, float]:
         logger.warning(f"{len(others)} search runs are not of the current grid and setting, not used for the pick: "
                        + ", ".join(others))
     if skipped:
-        logger.warning("search runs not used for the pick: " + "; ".join(f"{p} ({s.value})" for p, s, _ in sorted(skipped)))
+        logger.warning("search runs not used for the pick: "
+                       + "; ".join(f"{p} ({s.value})" for p, s, _ in sorted(skipped)))
     diverged = [(p, m) for p, s, m in sorted(skipped) if s is RunState.DIVERGED]
     if not found and diverged and len(diverged) == len(skipped):
         raise VQTError(f"all {len(diverged)} search runs diverged (first: {diverged[0][0]}: {diverged[0][1]}); fix the "
@@ -220,7 +221,8 @@ class Task:
                 logger.warning(f"interrupted run, redoing it: {r.dir.path}")
             elif state is RunState.STALE:
                 diffs = differences(rec := r.dir.record, r.identity)
-                if not (rec["status"] == "diverged" or self.overwrite or all(d.startswith("parent ") for d in diffs)):
+                only_parents = all(d.startswith("parent ") for d in diffs)
+                if not (rec["status"] == "diverged" or self.overwrite or only_parents):
                     stale.append((r, diffs))
                     continue
                 logger.info(f"settings changed ({'; '.join(diffs)}), retraining {r.dir.path}")
@@ -244,7 +246,8 @@ class Task:
         for bit (same runs stacked, same reduction order)."""
         todo = self.plan(phase, runs)
         engine = "stacked engine" if self.grid else "reference loop"
-        beside = " (trained beside them unwritten, as in an uninterrupted phase)" if self.grid and todo else ""
+        beside = " (trained beside them, unwritten, as in an uninterrupted phase)" if self.grid and todo and \
+            len(todo) < len(runs) else ""
         get_logger().info(f"{phase}: {len(todo)} runs to train on the {engine}, {len(runs) - len(todo)} finished with "
                           f"the same settings (reused){beside}")
         if not todo:
@@ -344,7 +347,8 @@ def _start_run(task: Task, run: Run, what: str, fix: str, lock: TaskLock) -> str
     d = run.dir
     state = d.status(task.identify(run, as_parent=True)["identity"], lock)
     if state is RunState.RUNNING:
-        raise VQTError(f"{what} run {d.path} is still running ({lock.holder()} holds {lock.path}): wait for it to finish")
+        raise VQTError(f"{what} run {d.path} is still running ({lock.holder()} holds {lock.path}): wait for it to "
+                       "finish")
     if state is RunState.STALE:
         raise VQTError(f"{what} run {d.path} was trained with other settings: "
                        f"{'; '.join(differences(d.record, run.identity))}; {fix} with the current settings")
@@ -376,7 +380,8 @@ def sparse_stage(task: Task, cfg: CfgNode, mode: str, arch_feats: str = "") -> l
         final = Run(layout.run("final", lr, wd, k + 1), lr, wd, seed)
         fp = _start_run(task, final, "final", "run scripts/VQT/run_vqt_vtab.sh first", layout.lock("final"))
         run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed, parent=fp, parents=(final.dir,))
-        run.start = {key: v for key, v in final.dir.load_checkpoint()["model"].items() if key not in (HEAD_W, HEAD_B)}
+        trained = final.dir.load_checkpoint()["model"]
+        run.start = {key: v for key, v in trained.items() if key not in (HEAD_W, HEAD_B)}
         if mode == "featselect":
             compress = Run(layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0)), 0.5 * lr, wd, seed,
                            parent=fp)

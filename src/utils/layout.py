@@ -6,9 +6,10 @@
     OUTPUT_DIR{_val,...}/.vqt/<DATA.NAME>/<DATA.FEATURE>/   logs.txt, pick.json, *.lock (the phase's bookkeeping)
 
 STAGE is `compress` or `keep_frac_{F}` in the sparsity phase. A feature folder holds only lr/wd folders
-(the original collector takes its first entry). Results are written atomically and DONE last, so a
-run folder without DONE is an interrupted run and is redone, but only when `.vqt_run` says we
-created it. DONE records the run's identity (every setting that changes its numbers).
+(the original collector takes its first entry). Results are written atomically and DONE last. DONE
+records the run's identity (every setting that changes its numbers), the size and hash of each result
+file, and the fingerprints of the runs it started from. `RunDir.status` is the one reading of a run's
+state (protocol and collector alike); `RunDir.clear` is the one, crash-safe, way a folder is deleted.
 `eval_results.pth` holds VPT's nested dict, one `epoch_{e}` entry per epoch.
 """
 from __future__ import annotations
@@ -55,6 +56,11 @@ def parse_hp_name(name: str) -> tuple[float, float, int] | None:
     """(lr, wd, batch size) of an lr/wd folder name, None for any other name."""
     m = _HP.match(name)
     return (float(m.group(1)), float(m.group(2)), int(m.group(3))) if m else None
+
+
+def setting_name(q: int, optimizer: str) -> str:
+    """The launchers' OUTPUT_DIR name under EXP_ROOT for Q query tokens and an optimizer: VQTSup_{Q}_{opt}."""
+    return f"VQTSup_{q}_{optimizer}"
 
 
 def stage_name(sparse_mode: str, keep_frac: float) -> str:
@@ -339,13 +345,15 @@ class RunDir:
             results = self.load_results()
         except Exception as err:  # noqa: BLE001 - any unreadable results file is damage
             return f"eval_results.pth does not load ({type(err).__name__})"
-        return "" if isinstance(results, dict) and (results or rec.get("status") != "ok") else "eval_results.pth is empty"
+        ok = isinstance(results, dict) and (results or rec.get("status") != "ok")
+        return "" if ok else "eval_results.pth is empty"
 
     def changed_parents(self, rec: dict | None = None) -> list[str]:
         """The runs this one started from (recorded in DONE) that are no longer the same runs."""
         rec = rec or self.record or {}
         parents = rec.get("parents") or {}
-        return [rel for rel, fp in parents.items() if RunDir(os.path.normpath(os.path.join(self.path, rel))).fingerprint() != fp]
+        return [rel for rel, fp in parents.items()
+                if RunDir(os.path.normpath(os.path.join(self.path, rel))).fingerprint() != fp]
 
     def fingerprint(self) -> str:
         """Names this finished run's numbers: its identity and the files DONE vouches for ("" if not finished)."""
