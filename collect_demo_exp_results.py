@@ -121,19 +121,29 @@ def read_run(run_dir: Path, k: int, name: str, lock: TaskLock | None = None) -> 
     the last epoch. A folder the original code wrote (results but no DONE, no marker of ours) is "external"."""
     run = RunDir(str(run_dir))
     state = run.status(lock=lock)
-    status, rec = STATUS[state], run.record or {}
-    detail = {RunState.PARTIAL: "no DONE: interrupted", RunState.RUNNING: "no DONE: still running",
-              RunState.DIVERGED: str(rec.get("message")), RunState.BROKEN: run.damage(rec),
-              RunState.STALE: "started from runs that changed since: " + ", ".join(run.changed_parents(rec)),
-              RunState.FOREIGN: "not written by vqt", RunState.EXTERNAL: "no DONE: written by the original code"}
-    if status not in COUNTED:
-        return Run(k, status, detail=detail.get(state, ""))
+    if STATUS[state] not in COUNTED:
+        return Run(k, STATUS[state], detail=_detail(run, state))
     try:
         top1, epochs = run.top1(f"test_{name}"), run.epochs
     except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
         why = f"{Path(run.results_file).name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
         return Run(k, "unreadable", detail=why)
-    return Run(k, status, top1 * 100, epochs, detail.get(state, ""))
+    return Run(k, STATUS[state], top1 * 100, epochs, _detail(run, state))
+
+
+def _detail(run: RunDir, state: RunState) -> str:
+    """Why a run is in `state`, for the problem list ("" for ok and missing runs)."""
+    if state is RunState.DIVERGED:
+        return str((run.record or {}).get("message"))
+    if state is RunState.BROKEN:
+        return run.damage()
+    if state is RunState.STALE:
+        return "started from runs that changed since: " + ", ".join(run.changed_parents())
+    return _DETAIL.get(state, "")
+
+
+_DETAIL = {RunState.PARTIAL: "no DONE: interrupted", RunState.RUNNING: "no DONE: still running",
+           RunState.FOREIGN: "not written by vqt", RunState.EXTERNAL: "no DONE: written by the original code"}
 
 
 def _count_ok(hp_dir: Path, sub: str, n_runs: int) -> tuple[int, int]:
