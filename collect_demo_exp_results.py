@@ -4,8 +4,10 @@ With no arguments it prints the original table (settings VQTSup_1_adam_sparsefin
 VQTSup_10_adam_final, VQTSup_20_adam_final; feature sup_vitb16_imagenet1k) with these fixes: the
 lr/wd folder is the one the protocol recorded in pick.json (else the one holding complete runs, said
 so when several do), the last epoch present is read (not epoch_99), runs whose DONE status is "ok"
-count, and so do results the original code wrote (no DONE: listed as "external"); missing,
-incomplete, diverged and unreadable runs are listed at the end. It also writes results.csv, results.md and
+count, and so do results the original code wrote (no DONE: listed as "external"); missing, running,
+incomplete, diverged, unreadable (a file DONE vouches for changed), stale (started from runs that changed
+since) and foreign runs are listed at the end. Runs are read through `RunDir.status`, as the protocol reads
+them; nothing is written under the root but --out. It also writes results.csv, results.md and
 results.png to --out. The exit status is 0 even when runs are missing (this is a report); 2 on bad
 input, 1 when the result files cannot be written.
 """
@@ -22,13 +24,24 @@ import numpy as np
 from src.data.tasks import GROUPS, PRINT_ORDER, TASKS, VTABTask, select_tasks
 from src.errors import VQTError
 from src.utils.cli import HelpFormatter
-from src.utils.layout import PHASES, RunDir, last_epoch, read_pick, run_name, stage_name, task_dir
+from src.utils.layout import (
+    PHASES,
+    RunDir,
+    RunState,
+    TaskLock,
+    phase_lock,
+    read_pick,
+    run_name,
+    setting_name,
+    stage_name,
+    task_dir,
+)
 from src.utils.quiet import quiet_tensorflow
 
 
 def demo_setting(task: VTABTask, optimizer: str = "adam") -> str:
     """The setting run_demo_exp.sh reports a task from: the sparsity runs when it has a keep fraction."""
-    return f"VQTSup_{task.q}_{optimizer}" + PHASES["sparse" if task.fraction is not None else "final"]
+    return setting_name(task.q, optimizer) + PHASES["sparse" if task.fraction is not None else "final"]
 
 
 # task -> setting its number comes from (Q=1 tasks: sparsefinal keep_frac_0.7; Q=10/20: final).
@@ -40,7 +53,7 @@ COUNTED = ("ok", "external")  # run statuses whose test top-1 enters the table
 
 @dataclass
 class Run:
-    """One seed's run folder: status is ok | missing | incomplete | diverged | unreadable."""
+    """One seed's run folder: status is one of STATUS's values."""
 
     k: int
     status: str
@@ -87,41 +100,46 @@ def run_subdir(setting: str, task: VTABTask) -> str | None:
     return ""
 
 
-def read_run(run_dir: Path, k: int, name: str) -> Run:
-    """Status and, for an ok run, the test top-1 (%) of the last epoch in eval_results.pth. A folder
-    the original code wrote (results but no DONE, no marker of ours) is read as "external"."""
-    if not run_dir.is_dir():
-        return Run(k, "missing")
+# RunDir states -> the collector's statuses (ok and external count).
+STATUS = {RunState.DONE: "ok", RunState.EXTERNAL: "external", RunState.MISSING: "missing",
+          RunState.PARTIAL: "incomplete", RunState.RUNNING: "running", RunState.DIVERGED: "diverged",
+          RunState.BROKEN: "unreadable", RunState.STALE: "stale", RunState.FOREIGN: "foreign"}
+
+
+def read_run(run_dir: Path, k: int, name: str, lock: TaskLock | None = None) -> Run:
+    """Status (`RunDir.status`, the protocol's own reading) and, for a run that counts, the test top-1 (%) of
+    the last epoch. A folder the original code wrote (results but no DONE, no marker of ours) is "external"."""
     run = RunDir(str(run_dir))
-    done = run.done
-    external = run.external
-    if done is None and not external:
-        return Run(k, "incomplete", detail="no DONE: interrupted or still running")
-    if not external and done.get("status") != "ok":
-        return Run(k, "diverged" if done.get("status") == "diverged" else "unreadable",
-                   detail=str(done.get("message") or f"DONE status {done.get('status')!r}"))
-    path = Path(run.results_file)
+    state = run.status(lock=lock)
+    if STATUS[state] not in COUNTED:
+        return Run(k, STATUS[state], detail=_detail(run, state))
     try:
-        results = run.load_results()
-        last = last_epoch(results)
-        top1 = results[f"epoch_{last}"]["classification"][f"test_{name}"]["top1"]
+        top1, epochs = run.top1(f"test_{name}"), run.epochs
     except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
-        return Run(k, "unreadable", detail=f"{path.name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}")
-    return Run(k, "external" if external else "ok", float(top1) * 100, last + 1,
-               "no DONE: written by the original code" if external else "")
+        why = f"{Path(run.results_file).name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
+        return Run(k, "unreadable", detail=why)
+    return Run(k, STATUS[state], top1 * 100, epochs, _detail(run, state))
+
+
+def _detail(run: RunDir, state: RunState) -> str:
+    """Why a run is in `state`, for the problem list ("" for ok and missing runs)."""
+    if state is RunState.DIVERGED:
+        return str((run.record or {}).get("message"))
+    if state is RunState.BROKEN:
+        return run.damage()
+    if state is RunState.STALE:
+        return "started from runs that changed since: " + ", ".join(run.changed_parents())
+    return _DETAIL.get(state, "")
+
+
+_DETAIL = {RunState.PARTIAL: "no DONE: interrupted", RunState.RUNNING: "no DONE: still running",
+           RunState.FOREIGN: "not written by vqt", RunState.EXTERNAL: "no DONE: written by the original code"}
 
 
 def _count_ok(hp_dir: Path, sub: str, n_runs: int) -> tuple[int, int]:
     """(runs with results that count, run folders present) in one lr/wd folder."""
-    dirs = [hp_dir / sub / run_name(k) for k in range(1, n_runs + 1)]
-    return sum(_counts(d) for d in dirs), sum(d.is_dir() for d in dirs)
-
-
-def _counts(run_dir: Path) -> bool:
-    """A finished run of ours, or results the original code wrote."""
-    run = RunDir(str(run_dir))
-    done = run.done
-    return (done or {}).get("status") == "ok" or run.external
+    states = [RunDir(str(hp_dir / sub / run_name(k))).status() for k in range(1, n_runs + 1)]
+    return sum(STATUS[s] in COUNTED for s in states), sum(s is not RunState.MISSING for s in states)
 
 
 def collect_cell(root: Path, setting: str, task: VTABTask, feature: str, n_runs: int) -> Cell | None:
@@ -143,7 +161,8 @@ def collect_cell(root: Path, setting: str, task: VTABTask, feature: str, n_runs:
     if len(holding) > 1 and not (pick and pick["folder"] == cell.hyparam):
         cell.note = (f"several lr/wd folders hold complete runs: "
                      f"{', '.join(f'{h} ({counts[h][0]} ok)' for h in holding)}; using {cell.hyparam}")
-    cell.runs = [read_run(folder / cell.hyparam / sub / run_name(k), k, task.name) for k in range(1, n_runs + 1)]
+    lock = phase_lock(str(root / setting), task.name, feature, sub or "final")
+    cell.runs = [read_run(folder / cell.hyparam / sub / run_name(k), k, task.name, lock) for k in range(1, n_runs + 1)]
     return cell
 
 
@@ -178,7 +197,7 @@ def collect(root: Path, feature: str, settings: list[str], tasks: list[VTABTask]
                 problems.append(f"missing     {t.name}: no complete runs under any of {settings}")
     for (setting, name), cell in cells.items():
         where = f"{setting} / {name} / {cell.hyparam or '(no lr/wd folder)'}"
-        for status in ("missing", "incomplete", "diverged", "unreadable", "external"):
+        for status in ("missing", "running", "incomplete", "diverged", "unreadable", "stale", "foreign", "external"):
             bad = [r for r in cell.runs if r.status == status]
             if bad:
                 runs = ", ".join(f"run{r.k}" + (f" ({r.detail})" if r.detail else "") for r in bad)

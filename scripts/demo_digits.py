@@ -48,15 +48,10 @@ def write_digits(folder: str) -> None:
 
 def test_accuracies(output_dir: str) -> list[float]:
     """Test top-1 (%) of the finished final runs of the digits task under `output_dir`."""
-    import torch
+    from src.utils.layout import RunDir, RunState
 
-    from src.utils.layout import last_epoch
-
-    accs = []
-    for folder, _, files in sorted(os.walk(output_dir + "_final")):
-        if "DONE" in files and "eval_results.pth" in files:
-            results = torch.load(os.path.join(folder, "eval_results.pth"), weights_only=True)
-            accs.append(100 * results[f"epoch_{last_epoch(results)}"]["classification"]["test_digits"]["top1"])
+    accs = [100 * run.top1("test_digits") for folder, _, _ in sorted(os.walk(output_dir + "_final"))
+            if (run := RunDir(folder)).status() is RunState.DONE]
     if not accs:
         raise VQTError(f"no finished final run of the digits task under {output_dir}_final")
     return accs
@@ -75,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     import train
+    from src.utils.layout import setting_name
 
     data = os.path.join(args.dest, "digits")
     write_digits(data)
     line = []
     for q, label in ((args.queries, f"VQT (Q={args.queries})"), (0, "linear probe (Q=0)")):
-        out = os.path.join(args.exp_root, f"VQTSup_{q}_adam")
+        out = os.path.join(args.exp_root, setting_name(q, "adam"))
         status = train.main(["--config-file", os.path.join(ROOT, "configs/h2t-prompt/vtab.yaml"), "--optimizer", "adam",
                              "DATA.SOURCE", "folder", "DATA.DATAPATH", data, "DATA.NAME", "digits",
                              "DATA.FEATURE", "demo_vit_tiny", "MODEL.MODEL_ROOT", os.path.join(args.dest, "pre-trained_weights"),

@@ -36,7 +36,9 @@ def make_assets(dest: str, tasks: list[str]) -> None:
     from src.configs.vit_configs import MODEL_ZOO
     from src.data.synthetic import write_fake_tfds
     from src.models.checkpoints import write_random_npz
+    from src.utils.layout import use_scratch
 
+    use_scratch(dest)  # TFDS's temporary folders: removed at exit, or by the next call if this one is killed
     entry = MODEL_ZOO[DEMO_FEATURE]
     weights = os.path.join(dest, "pre-trained_weights", entry.file)
     if not os.path.exists(weights):

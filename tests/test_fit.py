@@ -35,7 +35,7 @@ def _train(cfg, tiny_vit, tiny_images, specs, root, grid=True):
     runs = [Run(RunDir(str(root / f"m{i}")), lr, wd, seed) for i, (lr, wd, seed) in enumerate(specs)]
     data = TaskData(tiny_images, torch.arange(40), torch.arange(40, 60), 32, CPU)
     train_phase([(r, RunRecord(r, cfg, save_ckpt=True)) for r in runs], Recipe.from_cfg(cfg), data, engine)
-    return [r.dir.load_checkpoint()["model"] for r in runs if r.dir.done["status"] == "ok"], \
+    return [r.dir.load_checkpoint()["model"] for r in runs if r.dir.record["status"] == "ok"], \
         [r.dir.load_results() for r in runs]
 
 
@@ -57,7 +57,7 @@ def test_a_diverged_run_is_recorded_alike_on_both_engines_and_others_finish(tiny
     for grid in (True, False):
         root = tmp_path / str(grid)
         ckpts, _ = _train(cfg, tiny_vit, tiny_images, [(0.01, 0.0, 1), (1e38, 0.0, 1)], root, grid)
-        ok, bad = RunDir(str(root / "m0")).done, RunDir(str(root / "m1")).done
+        ok, bad = RunDir(str(root / "m0")).record, RunDir(str(root / "m1")).record
         assert ok["status"] == "ok" and ok["epochs"] == 3 and len(ckpts) == 1
         assert bad["status"] == "diverged" and bad["message"].startswith("loss is nan at epoch ")
         assert "NaN loss" in (root / "m1" / "logs.txt").read_text()

@@ -40,7 +40,7 @@ def _outputs(run: Run) -> dict[str, torch.Tensor]:
     out = dict(d.load_checkpoint()["model"])
     for split in ("val", "test"):
         out[split] = torch.load(d.logits_file(f"{split}_{NAME}"), weights_only=True)["joint_logits"]
-    assert d.done["status"] == "ok"
+    assert d.record["status"] == "ok"
     return out
 
 

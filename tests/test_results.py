@@ -6,20 +6,25 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import collect_demo_exp_results as collect
 import train
 from src.configs.vit_configs import VIT_DEMO
+from src.errors import VQTError
 from src.models.checkpoints import write_random_npz
-from src.utils.layout import Layout, RunDir
+from src.models.export import run_export
+from src.utils.layout import Layout, RunDir, RunState, atomic_save
 
 NAME, FEAT = "vtab-eurosat", "demo_vit_tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +57,7 @@ def test_changed_setting_is_not_silently_reused(assets, tmp_path, capsys):
     assert train.main(_args(assets, out, *given, SOLVER__TOTAL_EPOCH=3)) == 2
     err = _err(capsys)
     assert err.startswith("error: 5 finished final runs") and "SOLVER.TOTAL_EPOCH 2 -> 3" in err and "--overwrite" in err
-    assert all(r.done["epochs"] == 2 for r in runs)
+    assert all(r.record["epochs"] == 2 for r in runs)
     # settings that do not change numbers stay out of the identity: reused
     assert train.main(_args(assets, out, *given, ENGINE__EVAL_BATCH_SIZE=64, SOLVER__LOG_EVERY_N=7)) == 0
     assert [os.path.getmtime(r.file("DONE")) for r in runs] == stamps
@@ -62,7 +67,7 @@ def test_changed_setting_is_not_silently_reused(assets, tmp_path, capsys):
     assert train.main(_args(assets, out, *given, weights=other)) == 2
     assert "weights" in _err(capsys)
     assert train.main(_args(assets, out, *given, "--overwrite", SOLVER__TOTAL_EPOCH=3)) == 0
-    assert all(r.done["epochs"] == 3 for r in runs)
+    assert all(r.record["epochs"] == 3 for r in runs)
 
 
 def _nan_checkpoint(path, good):
@@ -81,7 +86,7 @@ def test_all_diverged_search_is_said_and_a_fixed_rerun_retrains(assets, tmp_path
     weights.write_bytes((assets / "demo.npz").read_bytes())  # the cause fixed: a new identity
     assert train.main(_args(assets, out, weights=weights, SOLVER__TOTAL_EPOCH=2)) == 0
     search = [r for _, _, r in Layout(out, NAME, FEAT, 128).search_runs()]
-    assert len(search) == 20 and all(r.done["status"] == "ok" for r in search)
+    assert len(search) == 20 and all(r.record["status"] == "ok" for r in search)
 
 
 def test_unreadable_records_are_redone(assets, tmp_path):
@@ -95,7 +100,7 @@ def test_unreadable_records_are_redone(assets, tmp_path):
     Path(runs[3].file("DONE")).write_text('{"status": "ok"')          # truncated JSON
     assert train.main(_args(assets, out, *given)) == 0
     for k, r in enumerate(runs):
-        assert r.finished["status"] == "ok"
+        assert r.record["status"] == "ok"
         assert (os.path.getmtime(r.file("DONE")) == stamps[k]) == (k in (0, 4))
 
 
@@ -200,41 +205,224 @@ def test_the_original_collector_rule_reads_our_results(assets, tmp_path):
         assert os.listdir(os.path.join(out + suffix, NAME)) == [FEAT]
 
 
-def _tree(out: str) -> dict[str, object]:
-    """Every result file of the search and the finals, loaded (logs carry times and are left out)."""
-    files = {}
-    for suffix in ("_val", "_final"):
-        for d, _, names in os.walk(out + suffix):
-            for n in names:
-                if n in ("eval_results.pth", "last_model.pth") or n.endswith("_logits.pth"):
-                    path = os.path.join(d, n)
-                    files[os.path.relpath(path, os.path.dirname(out))] = torch.load(path, weights_only=True)
-    return files
+COMMANDS = {"main": ((), {}), "compress": (("--sparse-mode", "compress"), {"MODEL__H2T__LRP_COEF": 0.0001}),
+            "featselect": (("--sparse-mode", "featselect"), {"MODEL__H2T__KEEP_FRAC": 0.7})}
+SETTING = "VQTSup_1_adam"
 
 
-def _equal(x, y) -> bool:
-    if isinstance(x, dict):
-        return x.keys() == y.keys() and all(_equal(x[k], y[k]) for k in x)
-    return torch.equal(x, y) if torch.is_tensor(x) else x == y
+def _command(assets, out: str, command: str, *flags, **over) -> list[str]:
+    """train.py's arguments of one command of the protocol (search and finals, compress, featselect)."""
+    extra, stage_over = COMMANDS[command]
+    return _args(assets, out, *extra, *flags, **(stage_over | over))
 
 
-def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(assets, tmp_path):
-    args = _args(assets, "@OUT@")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    clean = str(tmp_path / "clean" / "VQTSup_1_adam")
-    start = time.perf_counter()
-    subprocess.run(cmd + [a.replace("@OUT@", clean) for a in args], check=True, capture_output=True, env=env, cwd=ROOT)
-    duration = time.perf_counter() - start
-    killed = str(tmp_path / "killed" / "VQTSup_1_adam")
-    codes = []
-    for fraction in np.random.default_rng(0).uniform(0.15, 0.8, size=3):  # random points of a whole run's time
-        p = subprocess.Popen(cmd + [a.replace("@OUT@", killed) for a in args], env=env, cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(fraction * duration)
-        p.send_signal(signal.SIGKILL)
-        codes.append(p.wait())
-    assert -signal.SIGKILL in codes  # at least one attempt was killed mid-run
-    subprocess.run(cmd + [a.replace("@OUT@", killed) for a in args], check=True, capture_output=True, env=env, cwd=ROOT)
-    clean_files, killed_files = _tree(clean), _tree(killed)
-    assert len(clean_files) == 20 + 5 * 4 and _equal(clean_files, killed_files)
+def _cli(assets, out: str, command: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), *_command(assets, out, command)]
+
+
+def _subprocess(argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """A clean search, finals, compress and featselect of the demo task (experiment root, seconds per command)."""
+    root = tmp_path_factory.mktemp("clean")
+    durations = {}
+    for command in COMMANDS:
+        start = time.perf_counter()
+        assert _subprocess(_cli(assets, str(root / SETTING), command)).wait() == 0
+        durations[command] = time.perf_counter() - start
+    return root, durations
+
+
+def _copy(trained, tmp_path) -> tuple[Path, str]:
+    root = tmp_path / "exp"
+    shutil.copytree(trained[0], root)
+    return root, str(root / SETTING)
+
+
+def _results(root: Path) -> dict[str, bytes]:
+    """Bytes of every result file (logs, configs and DONE carry times and paths: left out)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.pth")) if "results" not in p.parts}
+
+
+def _table(root: Path, out: Path) -> bytes:
+    assert collect.main(["--root", str(root), "--out", str(out), "--feature", FEAT, "--tasks", NAME, "--settings",
+                         f"{SETTING}_final", f"{SETTING}_sparsefinal"]) == 0
+    return (out / "results.csv").read_bytes()
+
+
+def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(assets, trained, tmp_path, capsys):
+    """Each command killed at random points (twice in a row in some trials), then rerun: the results and the
+    collector's table are byte-identical to a clean run's."""
+    rng = np.random.default_rng(0)
+    killed = tmp_path / "killed"
+    kills = 0
+    for command, duration in trained[1].items():
+        for fraction in rng.uniform(0.3, 0.95, size=int(rng.integers(1, 3))):
+            p = _subprocess(_cli(assets, str(killed / SETTING), command))
+            time.sleep(fraction * duration)
+            p.send_signal(signal.SIGKILL)
+            kills += p.wait() == -signal.SIGKILL
+        assert _subprocess(_cli(assets, str(killed / SETTING), command)).wait() == 0
+    assert kills >= 3
+    clean, rerun = _results(trained[0]), _results(killed)
+    assert len(clean) == 20 + 5 * 4 + 5 * 4 * 2 and clean == rerun
+    assert _table(trained[0], tmp_path / "t1") == _table(killed, tmp_path / "t2")
+    assert capsys.readouterr().out.count("=====> 5") == 4  # both tables: 5 runs of the finals and featselect
+    leftovers = [p for p in killed.rglob("*") if ".tmp" in p.name or "vqt_clearing" in p.name]
+    assert leftovers == []
+
+
+def _pick(out: str) -> tuple[float, float]:
+    pick = json.loads(Path(Layout(out, NAME, FEAT, 128).meta_dir("final"), "pick.json").read_text())
+    return pick["lr"], pick["wd"]
+
+
+def _given(out: str) -> tuple[str, ...]:
+    lr, wd = _pick(out)
+    return "--lr", str(lr), "--wd", str(wd)
+
+
+def test_the_pick_is_made_among_the_current_grids_runs_only(assets, trained, tmp_path, capsys):
+    _root, out = _copy(trained, tmp_path)
+    picked = _pick(out)
+    other = Layout(out, NAME, FEAT, 128).run("search", 9.0, 0.0, 1)  # not of the grid, the best val top-1
+    other.start()
+    atomic_save({"epoch_0": {"classification": {f"val_{NAME}": {"top1": 1.0}}}}, other.results_file)
+    other.finish("ok", "", 1, {"identity": "of another grid", "settings": {}})
+    assert train.main(_args(assets, out, "--dont_search")) == 0
+    assert _pick(out) == picked and other.path in "".join(capsys.readouterr())
+    # the grid's runs, trained under another setting, are not picked either
+    assert train.main(_args(assets, out, "--dont_search", SOLVER__TOTAL_EPOCH=3)) == 2
+    assert "no search run" in _err(capsys)
+
+
+def test_a_sparsity_stage_starts_only_from_finals_of_the_current_setting(assets, trained, tmp_path, capsys):
+    _root, out = _copy(trained, tmp_path)
+    assert train.main(_command(assets, out, "compress", *_given(out), MODEL__H2T__DROPOUT=0.2)) == 2
+    err = _err(capsys)
+    assert "final run" in err and "trained with other settings: MODEL.H2T.DROPOUT 0.1 -> 0.2" in err
+
+
+def test_derived_runs_do_not_outlive_the_finals_they_started_from(assets, trained, tmp_path, capsys):
+    root, out = _copy(trained, tmp_path)
+    assert train.main(_args(assets, out, *_given(out), "--overwrite", MODEL__H2T__DROPOUT=0.0)) == 0
+    report = collect.collect(root, FEAT, [f"{SETTING}_sparsefinal"], [t for t in collect.DEMO_TASKS if t.name == NAME])
+    cell = report.cells[(f"{SETTING}_sparsefinal", NAME)]
+    assert cell.values == [] and [r.status for r in cell.runs] == ["stale"] * 5
+    assert any(p.startswith("stale") for p in report.problems)
+
+
+def _our_run(path: Path) -> RunDir:
+    run = RunDir(str(path))
+    run.start()
+    for name in ("config.yaml", "logs.txt", "eval_results.pth"):
+        (path / name).write_text(name)
+    return run
+
+
+class _Killed(BaseException):
+    """A SIGKILL at that point: nothing after it runs."""
+
+
+@pytest.mark.parametrize("crash", ["before the rename", "after the rename", "during the delete"])
+def test_clearing_a_run_leaves_our_folder_or_nothing(tmp_path, monkeypatch, crash):
+    run = _our_run(tmp_path / "run1")
+
+    def killed(*a, **k):
+        raise _Killed
+
+    def half_delete(path, *a, **k):  # the marker goes first, then the process dies
+        os.remove(os.path.join(path, ".vqt_run"))
+        raise _Killed
+
+    target = {"before the rename": (os, "replace", killed), "after the rename": (shutil, "rmtree", killed),
+              "during the delete": (shutil, "rmtree", half_delete)}[crash]
+    monkeypatch.setattr(*target)
+    with pytest.raises(_Killed):
+        run.clear()
+    monkeypatch.undo()
+    state = run.status()
+    assert state is (RunState.PARTIAL if crash == "before the rename" else RunState.MISSING)
+    run.tidy()  # what a rerun does first
+    assert not os.path.exists(run.aside)
+    run.clear()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_file_the_done_record_vouches_for_is_checked(assets, trained, tmp_path, capsys):
+    root, out = _copy(trained, tmp_path)
+    runs = _finals(out, *map(str, _pick(out)))
+    stamps = [os.path.getmtime(r.file("DONE")) for r in runs]
+    ckpt, logits = Path(runs[0].checkpoint_file), Path(runs[1].logits_file(f"test_{NAME}"))
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    logits.write_bytes(logits.read_bytes()[:-8])
+    assert runs[0].status() is runs[1].status() is RunState.BROKEN
+    assert train.main(_command(assets, out, "compress")) == 2
+    err = capsys.readouterr().err
+    assert "damaged: last_model.pth differs from what DONE recorded" in err and "Traceback" not in err
+    with pytest.raises(VQTError, match=r"is broken \(last_model.pth differs"):
+        run_export(runs[0].path)
+    assert train.main(_args(assets, out, "--dont_search")) == 0  # both redone, bit for bit as the clean run
+    assert "differs from what DONE recorded (1000 bytes, DONE says" in "".join(capsys.readouterr())
+    assert [os.path.getmtime(r.file("DONE")) == s for r, s in zip(runs, stamps)] == [False, False, True, True, True]
+    assert _results(root) == _results(trained[0])
+
+
+def test_a_rerun_removes_what_killed_processes_left(assets, trained, tmp_path):
+    _root, out = _copy(trained, tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    layout = Layout(out, NAME, FEAT, 128)
+    tmp = Path(layout.meta_dir("final"), f"pick.json.tmp{dead.pid}")
+    tmp.write_text("{")
+    scratch = Path(layout.cache_dir(), f"tmp{dead.pid}")
+    scratch.mkdir(parents=True)
+    (scratch / "__autograph_generated_file1234.py").write_text("")
+    aside = Path(_finals(out, *map(str, _pick(out)))[2].aside)
+    aside.mkdir()
+    (aside / "logs.txt").write_text("half deleted")
+    assert train.main(_args(assets, out, "--dont_search")) == 0
+    assert not tmp.exists() and not scratch.exists() and not aside.exists()
+    assert tempfile.gettempdir() == os.path.join(layout.cache_dir(), f"tmp{os.getpid()}")  # found by the next run
+
+
+def test_the_search_lock_read_only_collection_and_all_diverged_finals(assets, trained, tmp_path, capsys):
+    root, out = _copy(trained, tmp_path)
+    with Layout(out, NAME, FEAT, 128).lock("search"):
+        assert train.main(_command(assets, out, "compress")) == 2
+    assert "search of this task is still running" in _err(capsys)
+    for lock in root.rglob("*.lock"):
+        lock.unlink()
+    before = sorted(root.rglob("*"))
+    _table(root, tmp_path / "table")
+    assert sorted(root.rglob("*")) == before  # reading writes nothing (no lock file either)
+    assert train.main(_args(assets, str(tmp_path / "nan"), "--lr", "1e38", "--wd", "0.0")) == 2
+    assert "all 5 final runs diverged" in _err(capsys)
+
+
+def test_a_users_file_in_a_run_folder_stops_the_redo(assets, trained, tmp_path, capsys):
+    _root, out = _copy(trained, tmp_path)
+    run = _finals(out, *map(str, _pick(out)))[1]
+    os.remove(run.file("DONE"))
+    Path(run.file("notes.txt")).write_text("mine")
+    assert train.main(_args(assets, out, "--dont_search")) == 2
+    err = _err(capsys)
+    assert run.file("notes.txt") in err and "not written by vqt" in err
+    assert Path(run.file("notes.txt")).read_text() == "mine" and os.path.isfile(run.file("eval_results.pth"))
+
+
+def test_demo_assets_leave_no_temporary_folder(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dest, system_tmp = tmp_path / "assets", tmp_path / "tmp"
+    (dest / f"tmp{dead.pid}").mkdir(parents=True)  # left by a killed writer
+    system_tmp.mkdir()
+    p = subprocess.run([sys.executable, "scripts/make_demo_assets.py", "--dest", str(dest), "--tasks", "vtab-eurosat"],
+                       cwd=ROOT, env=dict(os.environ, TMPDIR=str(system_tmp)), capture_output=True, check=False)
+    assert p.returncode == 0, p.stderr
+    assert list(system_tmp.iterdir()) == [] and sorted(x.name for x in dest.iterdir()) == ["pre-trained_weights",
+                                                                                         "vtab_data"]

@@ -27,10 +27,12 @@ from src.errors import VQTError
 from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
 from src.models.vqt import HEAD_B, HEAD_W, QuerySpec
 from src.utils.device import describe_device, resolve_device
-from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
+from src.utils.layout import Layout, RunState, TaskLock, remove_dead_temps, stage_name, use_scratch
 from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
+# Keys a sparsity stage sets for itself: the runs it starts from are checked on every other setting.
+STAGE_KEYS = ("MODEL.H2T.LRP_COEF", "MODEL.H2T.KEEP_FRAC")
 LARGE_ARCH_FEATS = ("sup_vitl16_imagenet21k", "sup_vith14_imagenet21k")
 
 
@@ -47,27 +49,33 @@ def lr_wd_grid(optimizer: str, arch_feats: str = "") -> tuple[list[float], list[
     return sorted(lrs, reverse=True), sorted(wds, reverse=True)
 
 
-def find_best_lrwd(layout: Layout) -> tuple[float, float]:
-    """Best (lr, wd) by val top-1 at the last epoch over the finished search runs; ties go to the
-    smaller lr, then to the larger wd."""
+def find_best_lrwd(layout: Layout, grid: list[Run]) -> tuple[float, float]:
+    """Best (lr, wd) by val top-1 at the last epoch over the runs of the current grid (`grid`, identities set)
+    that finished ok under the current setting; ties go to the smaller lr, then to the larger wd. Other runs
+    present in the search folder (another grid, an earlier setting) never compete: one log line names them."""
     logger = get_logger()
     found, skipped = [], []
-    for lr, wd, run in layout.search_runs():
-        done = run.finished
-        if done is None or done["status"] != "ok":
-            skipped.append((run.path, "incomplete" if done is None else done["status"], (done or {}).get("message", "")))
-            continue
-        results = run.load_results()
-        found.append((lr, wd, results[f"epoch_{last_epoch(results)}"]["classification"][f"val_{layout.data_name}"]["top1"]))
+    for r in grid:
+        state = r.dir.status(r.identity["identity"])
+        if state is RunState.DONE:
+            found.append((r.lr, r.wd, r.dir.top1(f"val_{layout.data_name}")))
+        elif state is not RunState.MISSING:
+            skipped.append((r.dir.path, state, (r.dir.record or {}).get("message", "")))
+    ours = {r.dir.path for r in grid}
+    others = [run.path for _, _, run in layout.search_runs() if run.path not in ours]
+    if others:
+        logger.warning(f"{len(others)} search runs are not of the current grid and setting, not used for the pick: "
+                       + ", ".join(others))
     if skipped:
-        logger.warning("search runs not used for the pick: " + "; ".join(f"{p} ({s})" for p, s, _ in sorted(skipped)))
-    diverged = [(p, m) for p, s, m in sorted(skipped) if s == "diverged"]
+        logger.warning("search runs not used for the pick: "
+                       + "; ".join(f"{p} ({s.value})" for p, s, _ in sorted(skipped)))
+    diverged = [(p, m) for p, s, m in sorted(skipped) if s is RunState.DIVERGED]
     if not found and diverged and len(diverged) == len(skipped):
         raise VQTError(f"all {len(diverged)} search runs diverged (first: {diverged[0][0]}: {diverged[0][1]}); fix the "
                        "cause (checkpoint, MODEL.H2T.DROPOUT, ...) and rerun: diverged runs retrain under new settings")
     if not found:
-        raise VQTError(f"no finished search run under {layout.task_dir('search')}: run the search first "
-                       "(train.py without --dont_search), or give --lr and --wd")
+        raise VQTError(f"no search run under {layout.task_dir('search')} finished under the current settings: run the "
+                       "search first (train.py without --dont_search), or give --lr and --wd")
     found.sort(key=lambda t: (-t[0], -t[1]))
     best = found[0]
     for lr, wd, acc in found[1:]:
@@ -153,38 +161,69 @@ class Task:
             self._settings = task_settings(self.cfg, weight_path(self.cfg), data_identity(self.cfg))
         return self._settings
 
-    def train(self, phase: str, runs: list[Run], recipe: Recipe, *, train: str, test: bool, save_ckpt: bool) -> None:
-        """Train the runs of a phase unless finished under the same identity. Interrupted runs are redone;
-        a finished run with another identity stops the phase (or is redone with `overwrite`, or when it
-        diverged)."""
+    def identify(self, run: Run, as_parent: bool = False) -> dict:
+        """Set and return the run's identity under the current settings. `as_parent`: for a run a sparsity stage
+        starts from, whose stage keys (STAGE_KEYS) are its own, as DONE recorded them."""
+        settings = self.settings
+        if as_parent:
+            recorded = (run.dir.record or {}).get("settings") or {}
+            settings = settings | {k: recorded[k] for k in STAGE_KEYS if k in recorded}
+        run.identity = run_identity(settings, run.lr, run.wd, run.seed, run.parent)
+        return run.identity
+
+    def plan(self, phase: str, runs: list[Run]) -> list[Run]:
+        """The runs of a phase to (re)train, their folders cleared (crash-safe); stops, before anything is
+        cleared, on a folder we did not write, a file we did not write, or a run finished under other settings
+        (unless `overwrite`, it diverged, or only the runs it started from changed)."""
         logger = get_logger()
-        todo, stale, reused = [], [], 0
+        todo, stale = [], []
         for r in runs:
-            r.identity = run_identity(self.settings, r.lr, r.wd, r.seed, r.parent)
-            done = r.dir.finished
-            if done is None:
-                if r.dir.leftover:
-                    logger.warning(f"interrupted or unreadable run, redoing it: {r.dir.path}")
+            self.identify(r)
+            r.dir.tidy()
+            state = r.dir.status(r.identity["identity"])
+            if state in (RunState.FOREIGN, RunState.EXTERNAL):
+                r.dir.clear()  # refuses, naming the folder
+            if state is RunState.BROKEN:
+                logger.warning(f"{r.dir.damage()}, redoing the run: {r.dir.path}")
+            elif state is RunState.PARTIAL:
+                logger.warning(f"interrupted run, redoing it: {r.dir.path}")
+            elif state is RunState.STALE:
+                diffs = differences(rec := r.dir.record, r.identity)
+                only_parents = all(d.startswith("parent ") for d in diffs)
+                if not (rec["status"] == "diverged" or self.overwrite or only_parents):
+                    stale.append((r, diffs))
+                    continue
+                logger.info(f"settings changed ({'; '.join(diffs)}), retraining {r.dir.path}")
+            if state not in (RunState.DONE, RunState.DIVERGED):
                 todo.append(r)
-            elif done.get("identity") == r.identity["identity"]:
-                reused += 1
-            elif done["status"] == "diverged" or self.overwrite:
-                logger.info(f"settings changed ({'; '.join(differences(done, r.identity))}), retraining {r.dir.path}")
-                todo.append(r)
-            else:
-                stale.append((r, done))
         if stale:
-            r, done = stale[0]
+            r, diffs = stale[0]
             raise VQTError(f"{len(stale)} finished {phase} runs (e.g. {r.dir.path}) were trained with other settings: "
-                           f"{'; '.join(differences(done, r.identity))}. Use another OUTPUT_DIR, or --overwrite to "
-                           "retrain them")
+                           f"{'; '.join(diffs)}. Use another OUTPUT_DIR, or --overwrite to retrain them")
+        for r in todo:
+            if extra := r.dir.foreign_files():
+                raise VQTError(f"{r.dir.file(extra[0])} was not written by vqt and would be deleted with its run "
+                               "folder: move it elsewhere, then rerun")
+        for r in todo:
+            r.dir.clear()
+        return todo
+
+    def train(self, phase: str, runs: list[Run], recipe: Recipe, *, train: str, test: bool, save_ckpt: bool) -> None:
+        """Train the runs of a phase unless finished under the same identity (`plan`). On the stacked engine the
+        reused runs train beside the redone ones, unwritten, so that these equal an uninterrupted phase's bit
+        for bit (same runs stacked, same reduction order)."""
+        todo = self.plan(phase, runs)
         engine = "stacked engine" if self.grid else "reference loop"
-        logger.info(f"{phase}: {len(todo)} runs to train on the {engine}, {reused} finished with the same settings "
-                    "(reused)")
+        beside = " (trained beside them, unwritten, as in an uninterrupted phase)" if self.grid and todo and \
+            len(todo) < len(runs) else ""
+        get_logger().info(f"{phase}: {len(todo)} runs to train on the {engine}, {len(runs) - len(todo)} finished with "
+                          f"the same settings (reused){beside}")
         if not todo:
             return
         data, engine = self.data(train, test), self.engine()
-        train_phase([(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt)) for r in todo], recipe, data, engine)
+        jobs = [(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt, write=any(r is t for t in todo)))
+                for r in (runs if engine.grid else todo)]
+        train_phase(jobs, recipe, data, engine)
 
     def engine(self) -> Engine:
         """The stacked engine on the task's frozen path, or the reference loop (ENGINE.GRID False, or a
@@ -200,87 +239,125 @@ class Task:
 
 @contextlib.contextmanager
 def _phase(task: Task, phase: str, stage: str = "") -> Iterator[None]:
-    """Hold the phase's lock and log to its task log (which starts with what produced it)."""
+    """Hold the phase's lock and log to its task log (which starts with what produced it); temporary files that
+    killed processes of ours left in its bookkeeping folder are removed."""
     layout = task.layout
     with layout.lock(phase, stage), task_log(layout.task_log(phase), environment() + [task.device_line]):
+        remove_dead_temps(layout.meta_dir(phase))
         yield
 
 
-def _search(task: Task, cfg: CfgNode, arch_feats: str) -> None:
+def search_grid(task: Task, cfg: CfgNode, arch_feats: str = "", as_parent: bool = False) -> list[Run]:
+    """The search runs of the current setting (lr scaled by DATA.BATCH_SIZE / 256), identities set
+    (`as_parent`: as a sparsity stage sees them, see `Task.identify`)."""
     lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats)
     scale = cfg.DATA.BATCH_SIZE / 256
     runs = [Run(task.layout.run("search", lr * scale, wd, 1), lr * scale, wd, cfg.SEED) for lr in lrs for wd in wds]
+    for r in runs:
+        task.identify(r, as_parent)
+    return runs
+
+
+def search(task: Task, cfg: CfgNode, arch_feats: str = "") -> tuple[float, float]:
+    """The lr x wd search on train800 / val200 (one run per grid point); returns the pick (`find_best_lrwd`)."""
+    runs = search_grid(task, cfg, arch_feats)
     with _phase(task, "search"):
         task.train("search", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800", test=False,
                    save_ckpt=False)
-        find_best_lrwd(task.layout)
+        return find_best_lrwd(task.layout, runs)
 
 
-def _lr_wd(cfg: CfgNode, layout: Layout, phase: str) -> tuple[float, float]:
-    """SOLVER.BASE_LR / WEIGHT_DECAY when given, else the search's pick; recorded in the phase's pick.json."""
-    lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+def pick_lr_wd(task: Task, cfg: CfgNode, phase: str, arch_feats: str = "") -> tuple[float, float]:
+    """SOLVER.BASE_LR / WEIGHT_DECAY when given, else the search's pick among the current grid's runs (refused
+    while a search of this task holds its lock); recorded in the phase's pick.json."""
+    lr, wd, layout = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, task.layout
     if lr is not None:
         lr, wd, source = float(lr), float(wd), "given (SOLVER.BASE_LR / WEIGHT_DECAY)"
     else:
-        (lr, wd), source = find_best_lrwd(layout), "search"
+        lock = layout.lock("search")
+        if holder := lock.holder():
+            raise VQTError(f"the search of this task is still running ({holder} holds {lock.path}): wait for it to "
+                           "finish, then rerun")
+        grid = search_grid(task, cfg, arch_feats, as_parent=phase == "sparse")
+        (lr, wd), source = find_best_lrwd(layout, grid), "search"
     layout.write_pick(phase, lr, wd, source)
     return lr, wd
 
 
-def _finals(task: Task, cfg: CfgNode) -> None:
-    lr, wd = _lr_wd(cfg, task.layout, "final")
+def finals(task: Task, cfg: CfgNode, arch_feats: str = "") -> list[Run]:
+    """The 5 final runs (FINAL_SEEDS) on train800val200 at the picked lr/wd, tested at the last epoch."""
+    lr, wd = pick_lr_wd(task, cfg, "final", arch_feats)
     runs = [Run(task.layout.run("final", lr, wd, k + 1), lr, wd, seed) for k, seed in enumerate(FINAL_SEEDS)]
     with _phase(task, "final"):
         task.train("final", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800val200",
                    test=True, save_ckpt=cfg.MODEL.SAVE_CKPT)
         _report_test(runs, cfg.DATA.NAME, "final")
+    return runs
 
 
 def _report_test(runs: list[Run], name: str, phase: str) -> None:
-    """One console line: the phase's test top-1 over its finished runs."""
-    top1 = [100 * (res := r.dir.load_results())[f"epoch_{last_epoch(res)}"]["classification"][f"test_{name}"]["top1"]
-            for r in runs if (r.dir.finished or {}).get("status") == "ok"]
+    """One console line: the phase's test top-1 over its finished runs; a VQTError when every run diverged."""
+    states = [r.dir.status(r.identity["identity"]) for r in runs]
+    top1 = [100 * r.dir.top1(f"test_{name}") for r, s in zip(runs, states) if s is RunState.DONE]
     if top1:
         get_logger().info(f"{phase}: test top-1 {np.mean(top1):.2f} ± {np.std(top1):.2f} over {len(top1)} runs")
+    if all(s is RunState.DIVERGED for s in states):
+        first = runs[0].dir
+        raise VQTError(f"all {len(runs)} {phase} runs diverged (first: {first.path}: {first.record['message']}); fix "
+                       "the cause (lr, checkpoint, MODEL.H2T.DROPOUT, ...) and rerun: diverged runs retrain under new "
+                       "settings")
 
 
-def _finished_run(run: RunDir, what: str, fix: str, lock: TaskLock) -> dict:
-    """The DONE record of a finished run this stage starts from, or one line saying what is missing."""
-    done = run.finished
-    if done is None or done["status"] != "ok":
-        if done is None and os.path.isdir(run.path) and (holder := lock.holder()):
-            raise VQTError(f"{what} run {run.path} is still running ({holder} holds {lock.path}): wait for it to finish")
-        state = "missing" if not os.path.isdir(run.path) else ("incomplete" if done is None else done["status"])
-        raise VQTError(f"{what} run {run.path} is {state}; {fix}")
-    if not os.path.isfile(run.checkpoint_file):
-        raise VQTError(f"{run.checkpoint_file} is missing (the {what} runs were trained with MODEL.SAVE_CKPT False): "
-                       f"delete {os.path.dirname(run.path)} and train the {what} runs again with MODEL.SAVE_CKPT True")
-    return done
+def _start_run(task: Task, run: Run, what: str, fix: str, lock: TaskLock) -> str:
+    """The fingerprint of a finished run of the current setting that a sparsity stage starts from, or one line
+    saying why it cannot be (missing, running, interrupted, damaged, diverged, other settings, no checkpoint)."""
+    d = run.dir
+    state = d.status(task.identify(run, as_parent=True)["identity"], lock)
+    if state is RunState.RUNNING:
+        raise VQTError(f"{what} run {d.path} is still running ({lock.holder()} holds {lock.path}): wait for it to "
+                       "finish")
+    if state is RunState.STALE:
+        raise VQTError(f"{what} run {d.path} was trained with other settings: "
+                       f"{'; '.join(differences(d.record, run.identity))}; {fix} with the current settings")
+    if state is RunState.BROKEN:
+        raise VQTError(f"{what} run {d.path} is damaged: {d.damage()}; {fix} (it is redone)")
+    if state is not RunState.DONE:
+        raise VQTError(f"{what} run {d.path} is {'incomplete' if state is RunState.PARTIAL else state.value}; {fix}")
+    if not os.path.isfile(d.checkpoint_file):
+        raise VQTError(f"{d.checkpoint_file} is missing (the {what} runs were trained with MODEL.SAVE_CKPT False): "
+                       f"delete {os.path.dirname(d.path)} and train the {what} runs again with MODEL.SAVE_CKPT True")
+    return d.fingerprint()
 
 
-def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
+def sparse_stage(task: Task, cfg: CfgNode, mode: str, arch_feats: str = "") -> list[Run]:
+    """A classifier compression stage on the final runs of the current setting: `compress` (group lasso on the
+    head, from each final's query tokens) or `featselect` (the head retrained on the MODEL.H2T.KEEP_FRAC
+    features with the largest compressed-head column norms)."""
     h2t = cfg.MODEL.H2T
     layout = task.layout
-    lr, wd = _lr_wd(cfg, layout, "sparse")
+    lr, wd = pick_lr_wd(task, cfg, "sparse", arch_feats)
     stage = stage_name(mode, h2t.KEEP_FRAC)
     keep = int(task.spec.feature_dim(task.backbone.embed_dim, task.backbone.depth) * h2t.KEEP_FRAC)
     runs = []
     for k, seed in enumerate(FINAL_SEEDS):
-        final = layout.run("final", lr, wd, k + 1)
-        done = _finished_run(final, "final", "run scripts/VQT/run_vqt_vtab.sh first", layout.lock("final"))
-        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed, parent=done["identity"])
-        run.start = {key: v for key, v in final.load_checkpoint()["model"].items() if key not in (HEAD_W, HEAD_B)}
+        final = Run(layout.run("final", lr, wd, k + 1), lr, wd, seed)
+        fp = _start_run(task, final, "final", "run scripts/VQT/run_vqt_vtab.sh first", layout.lock("final"))
+        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed, parent=fp, parents=(final.dir,))
+        trained = final.dir.load_checkpoint()["model"]
+        run.start = {key: v for key, v in trained.items() if key not in (HEAD_W, HEAD_B)}
         if mode == "featselect":
-            compress = layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0))
-            done = _finished_run(compress, "compress", "run the compress stage first (--sparse-mode compress)",
-                                 layout.lock("sparse", "compress"))
-            run.parent += " " + done["identity"]
-            run.feat_ids = torch.topk(compress.load_checkpoint()["model"][HEAD_W].norm(dim=0), k=keep).indices
+            compress = Run(layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0)), 0.5 * lr, wd, seed,
+                           parent=fp)
+            run.parent += " " + _start_run(task, compress, "compress", "run the compress stage first (--sparse-mode "
+                                           "compress)", layout.lock("sparse", "compress"))
+            run.parents += (compress.dir,)
+            run.feat_ids = torch.topk(compress.dir.load_checkpoint()["model"][HEAD_W].norm(dim=0), k=keep).indices
         runs.append(run)
     recipe = Recipe.from_cfg(cfg, lrp_coef=h2t.LRP_COEF if mode == "compress" else 0.0, freeze_queries=True)
     with _phase(task, "sparse", stage):
         task.train("sparse", runs, recipe, train="train800val200", test=True, save_ckpt=cfg.MODEL.SAVE_CKPT)
         _report_test(runs, cfg.DATA.NAME, stage)
+    return runs
 
 
 def resolve_cfg(cfg: CfgNode) -> CfgNode:
@@ -309,6 +386,7 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
     stage (`sparse_mode`). `overwrite`: retrain finished runs whose settings changed."""
     validate(cfg, sparse_mode)
     setup_logging()
+    use_scratch(Layout.from_cfg(cfg).cache_dir())
     counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
     if cfg.DATA.SOURCE != "folder":  # a folder dataset's images per folder are logged as it is scanned
@@ -318,8 +396,8 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
         write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"), scan(cfg.DATA.DATAPATH).classes)
     with contextlib.closing(task):
         if sparse_mode is not None:
-            _sparse(task, cfg, sparse_mode)
+            sparse_stage(task, cfg, sparse_mode, arch_feats)
             return
         if not dont_search and cfg.SOLVER.BASE_LR is None:
-            _search(task, cfg, arch_feats)
-        _finals(task, cfg)
+            search(task, cfg, arch_feats)
+        finals(task, cfg, arch_feats)

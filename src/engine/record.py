@@ -21,16 +21,21 @@ def divergence(loss: float, epoch: int, step: int) -> str:
 
 
 class RunRecord:
-    """One run's folder, written as it trains. Create it when the run starts (the folder is made
-    afresh); call `finish` last."""
+    """One run's folder, written as it trains. Create it when the run starts (its folder must be missing or
+    empty: clearing is the caller's explicit step); call `finish` last. With `write` False nothing is
+    written (a run trained beside the redone ones of its phase only so that they train as they would have)."""
 
-    def __init__(self, run: Run, cfg: CfgNode, *, save_ckpt: bool):
-        self.run, self.save_ckpt, self.log_trainable = run, save_ckpt, cfg.SOLVER.DBG_TRAINABLE
+    def __init__(self, run: Run, cfg: CfgNode, *, save_ckpt: bool, write: bool = True):
+        self.run, self.save_ckpt, self.log_trainable = run, save_ckpt and write, cfg.SOLVER.DBG_TRAINABLE
         self.label = f"run lr {run.lr:g} wd {run.wd:g} seed {run.seed}"
         self.val_name, self.test_name = f"val_{cfg.DATA.NAME}", f"test_{cfg.DATA.NAME}"
         self.results: dict = {}
         self.diverged = ""
         self.val: tuple[np.ndarray, np.ndarray] | None = None
+        self.write = write
+        self._log = self._tb = None
+        if not write:
+            return
         run.dir.start()
         c = cfg.clone()
         c.defrost()
@@ -39,12 +44,13 @@ class RunRecord:
         with open(run.dir.file("config.yaml"), "w") as f:
             f.write(c.dump())
         self._log = open(run.dir.file("logs.txt"), "a")  # noqa: SIM115 (closed by finish)
-        self._tb = None
         if cfg.ENGINE.TENSORBOARD:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(run.dir.file("tb"))
 
     def log(self, msg: str) -> None:
+        if self._log is None:
+            return
         self._log.write(f"[{time.strftime(DATEFMT)}] {msg}\n")
         self._log.flush()
 
@@ -77,7 +83,8 @@ class RunRecord:
     def diverge(self, message: str) -> None:
         self.diverged = message
         self.log(f"Encountered infinite or NaN loss, stopping this run: {message}")
-        get_logger().warning(f"run {self.run.dir.path} diverged: {message}")
+        if self.write:
+            get_logger().warning(f"run {self.run.dir.path} diverged: {message}")
 
     def test(self, logits: np.ndarray, targets: np.ndarray) -> None:
         metrics = classification_metrics(logits, targets)
@@ -90,7 +97,9 @@ class RunRecord:
 
     def finish(self, checkpoint: dict | None) -> None:
         """Write eval_results.pth, the last val logits and `checkpoint` (with MODEL.SAVE_CKPT, unless the
-        run diverged), then DONE."""
+        run diverged), then DONE (which vouches for them and names the runs it started from)."""
+        if not self.write:
+            return
         d = self.run.dir
         atomic_save(self.results, d.results_file)
         if self.save_ckpt and not self.diverged and checkpoint is not None:
@@ -100,7 +109,8 @@ class RunRecord:
         if self._tb is not None:
             self._tb.close()
         self._log.close()
-        d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results), self.run.identity or {})
+        d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results), self.run.identity or {},
+                 self.run.parents)
 
 
 def _save_logits(logits: np.ndarray, targets: np.ndarray, path: str) -> None:

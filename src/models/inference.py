@@ -24,6 +24,7 @@ from src.errors import VQTError
 from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
 from src.models.timm_backbone import ImageConfig
 from src.models.vqt import VQT, QuerySpec
+from src.utils.layout import RunDir, RunState
 
 FORMAT = "vqt-export/1"
 
@@ -87,10 +88,15 @@ def _weights(cfg: CfgNode, run_dir: str) -> str:
 def run_export(run_dir: str, weights: str = "") -> dict:
     """The export dict of a finished final (or compression) run folder; `weights` overrides the backbone
     weight file recorded in its config."""
-    ckpt_file, cfg_file = os.path.join(run_dir, "last_model.pth"), os.path.join(run_dir, "config.yaml")
+    run = RunDir(run_dir)
+    ckpt_file, cfg_file = run.checkpoint_file, run.file("config.yaml")
     if not os.path.isfile(ckpt_file) or not os.path.isfile(cfg_file):
         raise VQTError(f"{run_dir} has no last_model.pth and config.yaml: pass a final run folder (.../run1) "
                        "trained with MODEL.SAVE_CKPT True, or an export file (scripts/export.py)")
+    if (state := run.status()) is not RunState.DONE:
+        why = f" ({run.damage()})" if state is RunState.BROKEN else ""
+        raise VQTError(f"{run_dir} is {state.value}{why}, not a finished run: rerun its phase (train.py), which "
+                       "redoes it, then export")
     cfg = load_cfg(cfg_file)
     ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
     classes = read_classes(run_dir) or [str(c) for c in range(cfg.DATA.NUMBER_CLASSES)]

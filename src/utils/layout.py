@@ -6,20 +6,25 @@
     OUTPUT_DIR{_val,...}/.vqt/<DATA.NAME>/<DATA.FEATURE>/   logs.txt, pick.json, *.lock (the phase's bookkeeping)
 
 STAGE is `compress` or `keep_frac_{F}` in the sparsity phase. A feature folder holds only lr/wd folders
-(the original collector takes its first entry). Results are written atomically and DONE last, so a
-run folder without DONE is an interrupted run and is redone, but only when `.vqt_run` says we
-created it. DONE records the run's identity (every setting that changes its numbers).
+(the original collector takes its first entry). Results are written atomically and DONE last. DONE
+records the run's identity (every setting that changes its numbers), the size and hash of each result
+file, and the fingerprints of the runs it started from. `RunDir.status` is the one reading of a run's
+state (protocol and collector alike); `RunDir.clear` is the one, crash-safe, way a folder is deleted.
 `eval_results.pth` holds VPT's nested dict, one `epoch_{e}` entry per epoch.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import enum
 import fcntl
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import tempfile
 import time
 import types
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ DONE = "DONE"
 STARTED = ".vqt_run"
 PICK = "pick.json"
 META = ".vqt"
+_SCRATCH = re.compile(r"tmp(\d+)$")
 _HP = re.compile(r"lr([0-9.e+-]+)_wd([0-9.e+-]+)_bs(\d+)$")
 
 
@@ -50,6 +56,11 @@ def parse_hp_name(name: str) -> tuple[float, float, int] | None:
     """(lr, wd, batch size) of an lr/wd folder name, None for any other name."""
     m = _HP.match(name)
     return (float(m.group(1)), float(m.group(2)), int(m.group(3))) if m else None
+
+
+def setting_name(q: int, optimizer: str) -> str:
+    """The launchers' OUTPUT_DIR name under EXP_ROOT for Q query tokens and an optimizer: VQTSup_{Q}_{opt}."""
+    return f"VQTSup_{q}_{optimizer}"
 
 
 def stage_name(sparse_mode: str, keep_frac: float) -> str:
@@ -70,6 +81,28 @@ def task_dir(phase_root: str, data_name: str, feature: str) -> str:
 def meta_dir(phase_root: str, data_name: str, feature: str) -> str:
     """A task's bookkeeping folder under a phase folder (logs.txt, pick.json, locks)."""
     return task_dir(os.path.join(phase_root, META), data_name, feature)
+
+
+def phase_lock(phase_root: str, data_name: str, feature: str, name: str) -> TaskLock:
+    """The lock a phase (or sparsity stage) `name` holds while it trains a task's runs."""
+    return TaskLock(os.path.join(meta_dir(phase_root, data_name, feature), f"{name}.lock"))
+
+
+def use_scratch(folder: str) -> str:
+    """Make `folder`/tmp<pid> this process's temporary folder (tempfile and TMPDIR: TensorFlow's autograph
+    and TFDS's temporary files land there), after removing those of dead processes; removed at exit."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if (m := _SCRATCH.match(name)) and not pid_alive(int(m.group(1))):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    path = os.path.join(folder, f"tmp{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+    tempfile.tempdir = os.environ["TMPDIR"] = path
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def read_pick(phase_root: str, data_name: str, feature: str) -> dict | None:
@@ -121,7 +154,7 @@ class Layout:
         return meta_dir(self.output_dir + PHASES[phase], self.data_name, self.feature)
 
     def lock(self, phase: str, stage: str = "") -> TaskLock:
-        return TaskLock(os.path.join(self.meta_dir(phase), f"{stage or phase}.lock"))
+        return phase_lock(self.output_dir + PHASES[phase], self.data_name, self.feature, stage or phase)
 
     def task_log(self, phase: str) -> str:
         return os.path.join(self.meta_dir(phase), "logs.txt")
@@ -172,24 +205,75 @@ def atomic_write_text(text: str, path: str) -> None:
         raise _write_failed(path, e) from None
 
 
+class RunState(enum.Enum):
+    """What a run folder holds, for the identity wanted (`RunDir.status`)."""
+
+    MISSING = "missing"      # no folder, or an empty one
+    RUNNING = "running"      # ours, no DONE, and its phase's lock is held
+    PARTIAL = "partial"      # ours, no DONE: interrupted (redone)
+    BROKEN = "broken"        # DONE, but a file it vouches for differs or the results do not load (redone)
+    DONE = "done"            # finished ok (under the identity wanted, when one is given)
+    DIVERGED = "diverged"    # finished: the loss stopped being finite (under the identity wanted)
+    STALE = "stale"          # finished under another identity, or a run it started from changed
+    FOREIGN = "foreign"      # not created by vqt (no marker): never touched
+    EXTERNAL = "external"    # the original code's results (eval_results.pth, no DONE, no marker): read only
+
+
+REDO = (RunState.PARTIAL, RunState.BROKEN)  # states a rerun redoes without asking
+_OURS = re.compile(r"(config\.yaml|logs\.txt|eval_results\.pth|last_model\.pth|.+_logits\.pth|DONE|\.vqt_run|tb)"
+                   r"(\.tmp\d+)?$")
+_TEMP = re.compile(r".+\.tmp(\d+)$")
+_CHUNK = 1 << 20
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temps(folder: str) -> None:
+    """Remove `*.tmp<pid>` files that processes of ours, now dead, left in `folder` (killed mid-write)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if (m := _TEMP.match(name)) and not pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+
+def file_check(path: str) -> dict:
+    """Size and a cheap sha256 (size, first and last MiB) of a file, as DONE records it."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_CHUNK))
+        if size > _CHUNK:
+            f.seek(max(_CHUNK, size - _CHUNK))
+            h.update(f.read())
+    return {"size": size, "sha256": h.hexdigest()}
+
+
 @dataclass
 class RunDir:
+    """One run folder; `status` is the one answer to "what is this run", for the protocol and the collector."""
+
     path: str
 
     @property
-    def done(self) -> dict | None:
-        """The DONE record ({"status": "ok" | "diverged", "message", "epochs"}); None if not finished or
-        unreadable (then the run counts as interrupted)."""
+    def record(self) -> dict | None:
+        """The DONE record ({"status": "ok" | "diverged", "message", "epochs", identity, files, parents});
+        None when absent or unreadable."""
         try:
             with open(os.path.join(self.path, DONE)) as f:
                 rec = json.load(f)
         except (OSError, ValueError):
             return None
         return rec if isinstance(rec, dict) and "status" in rec else None
-
-    @property
-    def incomplete(self) -> bool:
-        return os.path.isdir(self.path) and self.done is None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -206,64 +290,135 @@ class RunDir:
         """`val_<DATA.NAME>` / `test_<DATA.NAME>` -> its logits file."""
         return self.file(f"{split_name}_logits.pth")
 
+    @property
+    def aside(self) -> str:
+        """Where `clear` moves the folder before deleting it (a name only vqt gives)."""
+        head, name = os.path.split(self.path)
+        return os.path.join(head, f".{name}.vqt_clearing")
+
     def load_results(self) -> dict:
         """eval_results.pth, ours or the original code's (a defaultdict holding numpy floats), loaded
         without unpickling anything else."""
         return torch.load(self.results_file, pickle_module=_RESULTS_PICKLE, weights_only=False)
 
-    @property
-    def ours(self) -> bool:
-        """Whether vqt created this folder (it carries our STARTED marker)."""
-        return os.path.isfile(self.file(STARTED))
-
-    @property
-    def external(self) -> bool:
-        """Results someone else wrote here (the original code): eval_results.pth, no DONE, no marker of ours."""
-        return self.done is None and not self.ours and os.path.isfile(self.results_file)
-
-    @property
-    def finished(self) -> dict | None:
-        """The DONE record of a run whose results can be read back; None when the run is to be (re)done."""
-        done = self.done
-        if done is None:
-            return None
-        try:
-            results = self.load_results()
-            if not isinstance(results, dict) or (done["status"] == "ok" and not results):
-                return None
-        except Exception:  # noqa: BLE001 - any unreadable results file means the run is not finished
-            return None
-        return done
-
     def load_checkpoint(self) -> dict:
         return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
 
+    def top1(self, split_name: str) -> float:
+        """Top-1 (0..1) of `split_name` (`val_<DATA.NAME>` / `test_<DATA.NAME>`) at the last epoch recorded."""
+        results = self.load_results()
+        return float(results[f"epoch_{last_epoch(results)}"]["classification"][split_name]["top1"])
+
     @property
-    def leftover(self) -> bool:
-        """Whether the folder holds files of an unfinished run (a VQTError if vqt did not create them)."""
-        if not (os.path.isdir(self.path) and os.listdir(self.path)):
-            return False
-        if not self.ours:
+    def epochs(self) -> int:
+        """Epochs recorded in eval_results.pth."""
+        return last_epoch(self.load_results()) + 1
+
+    def status(self, wanted: str | None = None, lock: TaskLock | None = None) -> RunState:
+        """The run's state: from the marker, DONE, the files DONE vouches for, the runs it started from, the
+        phase's `lock` (RUNNING vs PARTIAL) and the identity `wanted` (None: any identity)."""
+        names = _listdir(self.path)
+        if not names:
+            return RunState.MISSING
+        rec = self.record
+        if rec is None:
+            if STARTED not in names:
+                return RunState.EXTERNAL if "eval_results.pth" in names else RunState.FOREIGN
+            return RunState.RUNNING if lock is not None and lock.holder() else RunState.PARTIAL
+        if self.damage(rec):
+            return RunState.BROKEN
+        if (wanted is not None and rec.get("identity") != wanted) or self.changed_parents(rec):
+            return RunState.STALE
+        return RunState.DIVERGED if rec["status"] == "diverged" else RunState.DONE
+
+    def damage(self, rec: dict | None = None) -> str:
+        """Why the files DONE vouches for cannot be trusted ("" when they can)."""
+        rec = rec or self.record or {}
+        for name, want in (rec.get("files") or {}).items():
+            try:
+                got = file_check(self.file(name))
+            except OSError:
+                return f"{name} is missing"
+            if got != want:
+                return f"{name} differs from what DONE recorded ({got['size']} bytes, DONE says {want.get('size')})"
+        try:
+            results = self.load_results()
+        except Exception as err:  # noqa: BLE001 - any unreadable results file is damage
+            return f"eval_results.pth does not load ({type(err).__name__})"
+        ok = isinstance(results, dict) and (results or rec.get("status") != "ok")
+        return "" if ok else "eval_results.pth is empty"
+
+    def changed_parents(self, rec: dict | None = None) -> list[str]:
+        """The runs this one started from (recorded in DONE) that are no longer the same runs."""
+        rec = rec or self.record or {}
+        parents = rec.get("parents") or {}
+        return [rel for rel, fp in parents.items()
+                if RunDir(os.path.normpath(os.path.join(self.path, rel))).fingerprint() != fp]
+
+    def fingerprint(self) -> str:
+        """Names this finished run's numbers: its identity and the files DONE vouches for ("" if not finished)."""
+        rec = self.record
+        if rec is None or self.damage(rec):
+            return ""
+        text = json.dumps([rec.get("identity"), rec.get("files")], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def foreign_files(self) -> list[str]:
+        """Files in the folder that vqt does not write (a user's own): a clear never deletes them."""
+        return sorted(n for n in _listdir(self.path) if not _OURS.match(n))
+
+    def tidy(self) -> None:
+        """Finish a clear that a kill interrupted, and remove temporary files of dead processes of ours."""
+        if os.path.isdir(self.aside):
+            shutil.rmtree(self.aside, ignore_errors=True)
+        remove_dead_temps(self.path)
+
+    def clear(self) -> None:
+        """Delete the folder of a run of ours, crash-safe: renamed aside (a name only vqt gives), then deleted;
+        a kill leaves either our folder or nothing (`tidy` removes what is aside). A folder we did not create,
+        or one holding a file vqt does not write, is never touched: one line names it."""
+        state = self.status()
+        if state is RunState.MISSING:
+            return
+        if state in (RunState.FOREIGN, RunState.EXTERNAL):
             raise VQTError(f"{self.path} exists and was not written by vqt (no {STARTED} marker): move it away "
                            "or use another OUTPUT_DIR; vqt never deletes results it did not write")
-        return True
+        if extra := self.foreign_files():
+            raise VQTError(f"{self.file(extra[0])} was not written by vqt and would be deleted with its run folder: "
+                           "move it elsewhere, then rerun")
+        self.tidy()
+        try:
+            os.replace(self.path, self.aside)
+            shutil.rmtree(self.aside)
+        except OSError as e:
+            raise _write_failed(self.path, e) from None
 
     def start(self) -> None:
-        """Create the folder afresh: a folder we created before (an interrupted or replaced run) is cleared;
-        one we did not create is never touched."""
-        if self.leftover:
-            shutil.rmtree(self.path)
+        """Create the run's folder and its marker; a folder that already holds files is refused (`clear` it)."""
+        if _listdir(self.path):
+            raise VQTError(f"{self.path} is not empty: it must be cleared before the run starts")
         try:
             os.makedirs(self.path, exist_ok=True)
             open(self.file(STARTED), "w").close()
         except OSError as e:
             raise _write_failed(self.file(STARTED), e) from None
 
-    def finish(self, status: str, message: str, epochs: int, identity: dict) -> None:
-        """Write DONE (last): status, message, epochs and the run's identity."""
+    def finish(self, status: str, message: str, epochs: int, identity: dict, parents: list[RunDir] = ()) -> None:
+        """Write DONE (last): status, message, epochs, the run's identity, size and hash of each result file it
+        vouches for, and the fingerprints of the runs it started from."""
+        files = {n: file_check(self.file(n)) for n in sorted(_listdir(self.path))
+                 if n == "eval_results.pth" or n == "last_model.pth" or n.endswith("_logits.pth")}
         rec = {"status": status, "message": message, "epochs": epochs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               **identity}
+               **identity, "files": files,
+               "parents": {os.path.relpath(p.path, self.path): p.fingerprint() for p in parents}}
         atomic_write_text(json.dumps(rec) + "\n", self.file(DONE))
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 class _ResultsUnpickler(pickle.Unpickler):
@@ -290,10 +445,12 @@ class TaskLock:
         self.fd = None
 
     def holder(self) -> str | None:
-        """Who holds the lock now ("pid N"), or None when nobody does."""
-        if not os.path.isfile(self.path):
+        """Who holds the lock now ("pid N"), or None when nobody does (read only: creates no file)."""
+        try:
+            f = open(self.path)  # noqa: SIM115 (closed by the with below)
+        except OSError:
             return None
-        with open(self.path, "a+") as f:
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
