@@ -23,7 +23,7 @@ import train
 from src.configs.vit_configs import VIT_DEMO
 from src.errors import VQTError
 from src.models.checkpoints import write_random_npz
-from src.models.export import run_export
+from src.models.inference import run_export
 from src.utils.layout import Layout, RunDir, RunState, atomic_save
 
 NAME, FEAT = "vtab-eurosat", "demo_vit_tiny"
