@@ -310,7 +310,7 @@ def test_a_sparsity_stage_starts_only_from_finals_of_the_current_setting(assets,
 def test_derived_runs_do_not_outlive_the_finals_they_started_from(assets, trained, tmp_path, capsys):
     root, out = _copy(trained, tmp_path)
     assert train.main(_args(assets, out, *_given(out), "--overwrite", MODEL__H2T__DROPOUT=0.0)) == 0
-    report = collect.collect(root, FEAT, [f"{SETTING}_sparsefinal"], [t for t in collect.DEMO_TASKS if t.name == NAME])
+    report = collect.collect(root, FEAT, [f"{SETTING}_sparsefinal"], [collect.TASKS[NAME]])
     cell = report.cells[(f"{SETTING}_sparsefinal", NAME)]
     assert cell.values == [] and [r.status for r in cell.runs] == ["stale"] * 5
     assert any(p.startswith("stale") for p in report.problems)
