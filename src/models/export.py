@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from yacs.config import CfgNode
 
 from src.configs.defaults import load_cfg
@@ -38,11 +39,15 @@ class Loaded:
     image: ImageConfig
 
     @torch.no_grad()
-    def predict(self, paths: list[str], batch_size: int = 64, workers: int = 4) -> torch.Tensor:
-        """Class probabilities (N, C) of image files, read and resized as the training images were."""
+    def predict(self, images: str | os.PathLike | Image.Image | Sequence[str | os.PathLike | Image.Image],
+                batch_size: int = 64, workers: int = 4) -> torch.Tensor:
+        """Class probabilities (N, C) of one image file or Pillow image, or a list of them, decoded and
+        resized as the training images were."""
+        if isinstance(images, str | os.PathLike | Image.Image):
+            images = [images]
         device = next(self.model.parameters()).device
         probs = []
-        images = read_images(paths, self.image.size, self.image.interpolation, workers)
+        images = read_images(list(images), self.image.size, self.image.interpolation, workers)
         for batch in _chunks(images, batch_size):
             probs.append(self.model(preprocess(batch, self.image.size, device)).softmax(dim=-1).cpu())
         return torch.cat(probs) if probs else torch.empty(0, len(self.classes))
