@@ -31,6 +31,31 @@ RULES: dict[str, tuple[bool, bool, Callable[[float], bool], str]] = {
     "ENGINE.EVAL_BATCH_SIZE": (True, False, lambda v: v >= 1, ">= 1"),
 }
 
+CHOICES: dict[str, tuple[str, ...]] = {"DATA.SOURCE": ("tfds", "imagefolder", "folder")}
+FOLDER_NAMES = ("DATA.NAME", "DATA.FEATURE")  # each names one folder of the results layout
+
+
+def _choice_problem(cfg: CfgNode, key: str) -> str:
+    try:
+        value = _lookup(cfg, key)
+    except KeyError:
+        return ""
+    if value in CHOICES[key]:
+        return ""
+    return f"{key} {value!r} is not one of {', '.join(CHOICES[key])}: fix it in the config file or the overrides"
+
+
+def _folder_name_problem(cfg: CfgNode, key: str) -> str:
+    """Why `key`'s value cannot be one folder name under OUTPUT_DIR (a path, `..`), or ""."""
+    try:
+        value = _lookup(cfg, key)
+    except KeyError:
+        return ""
+    if not isinstance(value, str) or ("/" not in value and "\\" not in value and value not in (".", "..")):
+        return ""
+    return (f"{key} {value!r} must be one folder name (results go to OUTPUT_DIR_final/<DATA.NAME>/<DATA.FEATURE>): "
+            "drop the '/' and '..' (the data's location goes in DATA.DATAPATH)")
+
 
 def _lookup(cfg: CfgNode, key: str):
     node = cfg
@@ -66,6 +91,13 @@ def check_values(cfg: CfgNode) -> None:
         problem = _problem(key, value, *rule)
         if problem:
             raise VQTError(f"{problem}: fix it in the config file or the KEY VALUE overrides")
+    problem = next(filter(None, (_choice_problem(cfg, key) for key in CHOICES)), "") or next(
+        filter(None, (_folder_name_problem(cfg, key) for key in FOLDER_NAMES)), "")
+    if problem:
+        raise VQTError(problem)
+    if not str(cfg.get("OUTPUT_DIR", "-")).strip():
+        raise VQTError("OUTPUT_DIR is empty: the results would land in the current folder as _val/, _final/; "
+                       "set OUTPUT_DIR (e.g. output/vqt)")
     warmup, total = cfg.SOLVER.WARMUP_EPOCH, cfg.SOLVER.TOTAL_EPOCH
     if warmup >= total:
         raise VQTError(f"SOLVER.WARMUP_EPOCH ({warmup}) must be below SOLVER.TOTAL_EPOCH ({total}): "

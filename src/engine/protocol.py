@@ -27,9 +27,11 @@ from src.engine.record import RunRecord
 from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone, image_config, weight_path
+from src.models.timm_backbone import check_timm_name
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
+from src.utils.cli import check_can_create
 from src.utils.device import describe_device, resolve_device
-from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
+from src.utils.layout import PHASES, Layout, RunDir, TaskLock, last_epoch, stage_name
 from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
@@ -323,10 +325,13 @@ def _sparse(task: Task, cfg: CfgNode, mode: str) -> None:
 
 
 def check_names(cfg: CfgNode) -> None:
-    """The VTAB task (and its class count) and the zoo backbone exist, where they are named."""
+    """The VTAB task (and its class count) and the zoo backbone exist, where they are named; a timm
+    backbone is of a family VQT runs."""
     if cfg.DATA.SOURCE != "folder":
         check_classes(cfg, get_task(cfg.DATA.NAME))
-    if not cfg.MODEL.TIMM_NAME:
+    if cfg.MODEL.TIMM_NAME:
+        check_timm_name(cfg.MODEL.TIMM_NAME)
+    else:
         zoo_entry(cfg.DATA.FEATURE)
 
 
@@ -343,7 +348,7 @@ def resolve_cfg(cfg: CfgNode) -> CfgNode:
         cfg.DATA.FEATURE = cfg.MODEL.TIMM_NAME
     cfg.DATA.CROPSIZE = image_config(cfg).size
     if cfg.DATA.SOURCE == "folder":
-        cfg.DATA.NAME = cfg.DATA.NAME or os.path.basename(os.path.normpath(cfg.DATA.DATAPATH))
+        cfg.DATA.NAME = cfg.DATA.NAME or os.path.basename(os.path.abspath(cfg.DATA.DATAPATH))
         classes = scan(cfg.DATA.DATAPATH).classes
         check_folder_classes(cfg, classes)
         cfg.DATA.NUMBER_CLASSES = len(classes)
@@ -358,12 +363,19 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
     check_supported(cfg)
     if sparse_mode is not None and sparse_mode not in SPARSE_MODES:
         raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
+    check_names(cfg)
+    check_can_create(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     setup_logging()
+    phases = ("sparse",) if sparse_mode else ("final",) if dont_search or cfg.SOLVER.BASE_LR is not None else \
+        ("search", "final")
+    get_logger().info(f"results go to {', '.join(os.path.abspath(cfg.OUTPUT_DIR) + PHASES[p] for p in phases)} "
+                      f"(OUTPUT_DIR {cfg.OUTPUT_DIR})")
     counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
     if cfg.DATA.SOURCE != "folder":  # a folder dataset's images per folder are logged as it is scanned
         get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
     task = Task(cfg, overwrite)
+    _ = task.backbone  # a missing or wrong weight file stops here, before anything is written
     if cfg.DATA.SOURCE == "folder":  # class names for predict.py / scripts/export.py
         write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"), scan(cfg.DATA.DATAPATH).classes)
     with contextlib.closing(task):
