@@ -79,7 +79,7 @@ def train(a: argparse.Namespace, bb: VisionTransformer, data: tuple[ImageSet, Im
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--epochs", type=int, default=20)

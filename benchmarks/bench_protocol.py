@@ -400,7 +400,7 @@ def memory_kind(a: argparse.Namespace, step: bool) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--epochs", type=measured_epochs, default=2,
