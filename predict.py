@@ -15,7 +15,7 @@ import csv
 import os
 
 from src.errors import VQTError, run_cli
-from src.utils.cli import HelpFormatter
+from src.utils.cli import HelpFormatter, check_out_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.topk < 1:
         raise VQTError(f"--topk must be >= 1 (got {args.topk})")
+    if args.out:
+        check_out_file(args.out, "--out")
     from src.models.export import load_model  # imports torch and timm: after the arguments are checked
     from src.utils.device import resolve_device
 

@@ -101,12 +101,17 @@ def run_export(run_dir: str, weights: str = "") -> dict:
         raise VQTError(f"{run_dir} has no last_model.pth and config.yaml: pass a final run folder (.../run1) "
                        "trained with MODEL.SAVE_CKPT True, or an export file (scripts/export.py)")
     cfg = load_cfg(cfg_file)
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        trained = ckpt["model"]
+    except Exception as e:  # noqa: BLE001 - an empty, truncated or foreign file fails in many ways
+        raise VQTError(f"cannot read {ckpt_file} ({type(e).__name__}): empty, truncated or not a vqt checkpoint; "
+                       "retrain the run (delete its folder and rerun train.py) or use an export file") from None
     classes = read_classes(run_dir) or [str(c) for c in range(cfg.DATA.NUMBER_CLASSES)]
     backbone = {"timm_name": cfg.MODEL.TIMM_NAME, "feature": cfg.DATA.FEATURE, "model_type": cfg.MODEL.TYPE,
                 "weights": os.path.abspath(weights) if weights else _weights(cfg, run_dir)}
     return {"format": FORMAT, "backbone": backbone, "spec": dataclasses.asdict(QuerySpec.from_cfg(cfg)),
-            "trained": ckpt["model"], "feat_ids": ckpt.get("feat_ids"),
+            "trained": trained, "feat_ids": ckpt.get("feat_ids"),
             "image": dataclasses.asdict(image_config(cfg)), "classes": classes, "run": os.path.abspath(run_dir)}
 
 

@@ -31,3 +31,10 @@ def check_can_create(path: str, what: str) -> None:
         raise VQTError(f"{what} {path}: {folder} is a file, not a folder: choose another {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise VQTError(f"{what} {path}: cannot write in {folder} (permission denied): choose a folder you can write")
+
+
+def check_out_file(path: str, what: str) -> None:
+    """VQTError unless the file `path` can be written (checked before the work that produces it)."""
+    if os.path.isdir(path):
+        raise VQTError(f"{what} {path} is a folder: give a file name (e.g. {os.path.join(path, 'preds.csv')})")
+    check_can_create(path, what)
