@@ -26,11 +26,14 @@ def listing(root: Path) -> set[str]:
 
 
 def one_error(capsys, code: int, pattern: str) -> str:
-    """The single `error:` line of a CLI call that exited 2; it must match `pattern`."""
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert re.search(pattern, err[0]), err[0]
-    return err[0]
+    """The single `error:` line of a CLI call that exited 2 (its last stderr line; progress bars may come
+    before it, a traceback may not); it must match `pattern`."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and [x for x in lines if "error" in x.lower()] == lines[-1:], err
+    assert lines[-1].startswith("error: ") and "Traceback" not in err
+    assert re.search(pattern, lines[-1]), lines[-1]
+    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +151,13 @@ def test_predict_into_a_closed_pipe_ends_quietly(run_dir, inputs):
     p.stdout.close()  # as `| head` does once it has its lines
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_too_many_query_tokens_refused_before_training(inputs, work, capsys):
+    """Q = 10^8 on a tiny ViT: over a TB for the head and the query path, refused with the figures and
+    the knobs before any run folder exists."""
+    code = train.main(train_args(inputs, "OUTPUT_DIR", "out", "MODEL.H2T.NUM_QUERY_TOKENS", "100000000"))
+    line = one_error(capsys, code, r"training 5 run\(s\) at once needs at least \d+\.\d GiB \(trained tensors .*query "
+                                   r"path .*\) but .*: lower MODEL.H2T.NUM_QUERY_TOKENS \(now 100000000\) or DATA.BATCH_SIZE")
+    assert float(line.split("needs at least ")[1].split(" GiB")[0]) > 1024
+    assert not [p for p in listing(work) if p.endswith("run1")]

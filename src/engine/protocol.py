@@ -23,6 +23,7 @@ from src.engine.fit import fit
 from src.engine.frozen import CacheDoesNotFit, FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.identity import differences, run_identity, task_settings
+from src.engine.memory import check_training_memory
 from src.engine.record import RunRecord
 from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
 from src.errors import VQTError
@@ -217,6 +218,8 @@ class Task:
                     "(reused)")
         if not todo:
             return
+        check_training_memory(self.spec, self.backbone, [r.seed for r in todo] if self.grid else [0], recipe,
+                              self.device, self.frozen if self.grid else None)
         data = self.data(train, test)
         if self.grid:
             jobs = [(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt)) for r in todo]
