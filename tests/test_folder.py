@@ -18,7 +18,7 @@ import train
 from scripts import export as export_script
 from src.configs.defaults import get_cfg
 from src.configs.vit_configs import VIT_DEMO
-from src.data.folder import VAL_FRACTION, read_classes, read_image, read_images, scan
+from src.data.folder import VAL_FRACTION, describe, read_classes, read_image, read_images, scan
 from src.data.loader import check_task_data, load_split
 from src.data.preprocess import preprocess
 from src.errors import VQTError
@@ -241,3 +241,23 @@ def test_predict_takes_one_path_a_list_or_pillow_images(trained):
     with Image.open(paths[2]) as img:
         torch.testing.assert_close(loaded.predict([img]), many[2:], rtol=0, atol=1e-6)
         torch.testing.assert_close(loaded.predict(img), many[2:], rtol=0, atol=1e-6)
+
+
+def test_one_file_rule_for_training_and_predict(tmp_path):
+    """Images in subfolders of a class folder count (training and predict.py alike); .DS_Store and other
+    files Pillow cannot read are skipped and counted; hidden folders are not entered."""
+    root = tmp_path / "data"
+    write_folder_dataset(root, {"train": 3, "val": 1, "test": 1})
+    cat = root / "train" / "cat"
+    (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cat / "2019").mkdir()
+    shutil.copy(cat / "0.png", cat / "2019" / "nested.png")
+    (cat / ".thumbnails").mkdir()
+    shutil.copy(cat / "0.png", cat / ".thumbnails" / "hidden.png")
+    scan.cache_clear()
+    data = scan(str(root))
+    cat_files = sorted(p for p, y in data.files["train"] if y == 0)
+    assert [os.path.relpath(p, cat) for p in cat_files] == ["0.png", "1.jpg", "2.png", "2019/nested.png"]
+    assert [os.path.basename(p) for p in data.skipped] == [".DS_Store"]
+    assert "skipped 1 files Pillow cannot read" in describe(data, str(root))
+    assert predict.image_files([str(cat)]) == (cat_files, data.skipped)
