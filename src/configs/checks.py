@@ -91,10 +91,9 @@ def check_values(cfg: CfgNode) -> None:
         problem = _problem(key, value, *rule)
         if problem:
             raise VQTError(f"{problem}: fix it in the config file or the KEY VALUE overrides")
-    problem = next(filter(None, (_choice_problem(cfg, key) for key in CHOICES)), "") or next(
-        filter(None, (_folder_name_problem(cfg, key) for key in FOLDER_NAMES)), "")
-    if problem:
-        raise VQTError(problem)
+    problems = [_choice_problem(cfg, key) for key in CHOICES] + [_folder_name_problem(cfg, key) for key in FOLDER_NAMES]
+    if any(problems):
+        raise VQTError(next(p for p in problems if p))
     if not str(cfg.get("OUTPUT_DIR", "-")).strip():
         raise VQTError("OUTPUT_DIR is empty: the results would land in the current folder as _val/, _final/; "
                        "set OUTPUT_DIR (e.g. output/vqt)")
