@@ -172,3 +172,13 @@ def test_weights_load_strictly(tmp_path, name, size, fmt):
                                        "foreign.weight") as err:
         build_timm_backbone(name, path, size, **SMALL)
     assert "\n" not in str(err.value)
+
+
+def test_fine_tuned_head_of_another_size_loads(tmp_path):
+    """A fine-tuned checkpoint (10 classes, not the released 1000) still loads strictly, with its own head."""
+    name, path = "deit_base_patch16_224.fb_in1k", str(tmp_path / "finetuned.pth")
+    torch.manual_seed(0)
+    peer = timm.create_model(name, img_size=32, num_classes=10, **SMALL).eval()
+    torch.save({"model": peer.state_dict()}, path)
+    backbone = build_timm_backbone(name, path, 32, **SMALL)
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, peer.blocks[1].mlp.fc2.weight, rtol=0, atol=0)
