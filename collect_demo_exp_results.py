@@ -7,14 +7,18 @@ so when several do), the last epoch present is read (not epoch_99), runs whose D
 count, and so do results the original code wrote (no DONE: listed as "external"); missing, running,
 incomplete, diverged, unreadable (a file DONE vouches for changed), stale (started from runs that changed
 since) and foreign runs are listed at the end. Runs are read through `RunDir.status`, as the protocol reads
-them; nothing is written under the root but --out. It also writes results.csv, results.md and
-results.png to --out. The exit status is 0 even when runs are missing (this is a report); 2 on bad
+them; nothing is written under the root but --out. It also writes results.csv, results.md and results.png
+to --out (default ROOT/results; a selection other than the default table gets its own file names,
+results_<selection>.*, so no table is overwritten by another's). The exit status is 0 even when runs are
+missing (this is a report); 2 on bad
 input, 1 when the result files cannot be written.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +219,8 @@ def print_table(report: Report, settings: list[str], tasks: list[VTABTask], feat
     """The original stdout table, plus std, epoch counts, group means and the problem list."""
     names = [n for n in PRINT_ORDER if n in {t.name for t in tasks}]
     for setting in settings:
+        if setting not in {TASK_SETTINGS[n] for n in names} | {s for s, _ in report.cells}:
+            continue  # none of the selected tasks reports from it, and none has a folder there: no empty section
         print(f"====== {setting} ======")
         for name in names:
             cell = report.cells.get((setting, name))
@@ -340,7 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="setting folders to print, e.g. VQTSup_1_adam_final")
     p.add_argument("--tasks", nargs="+", metavar="NAME", help="subset of DATA.NAMEs (default: all 19)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="seeds expected per setting (run1..runN)")
-    p.add_argument("--out", help="folder for results.csv/.md/.png (default: ROOT/results)")
+    p.add_argument("--out", help="folder for the result files (default: ROOT/results); a selection other than the "
+                   "default table (--settings, --tasks, --feature, --runs) writes results_<selection>.* there")
     return p.parse_args(argv)
 
 
@@ -355,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             raise VQTError(f"--runs must be >= 1, got {args.runs}")
         tasks = select_tasks(args.tasks)
         report = collect(root, args.feature, args.settings, tasks, args.runs)
+        if not report.cells:
+            raise VQTError(f"{root} holds none of the settings {', '.join(args.settings)} for feature "
+                           f"{args.feature}: pass the EXP_ROOT of the launchers as --root (nothing was written)")
     except VQTError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -365,11 +375,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot create the output folder {out} ({err.strerror}): pass a writable --out", file=sys.stderr)
         return 1
     print_table(report, args.settings, tasks, args.feature)
-    write_csv(report, tasks, out / "results.csv", args.runs)
-    write_markdown(report, tasks, out / "results.md", root, args.feature, args.runs)
-    write_plot(report, tasks, out / "results.png", args.feature)
-    print(f"\nwrote {out / 'results.csv'}, results.md, results.png")
+    stem = out / output_stem(args.settings, args.tasks, args.feature, args.runs)
+    write_csv(report, tasks, stem.with_suffix(".csv"), args.runs)
+    write_markdown(report, tasks, stem.with_suffix(".md"), root, args.feature, args.runs)
+    write_plot(report, tasks, stem.with_suffix(".png"), args.feature)
+    print(f"\nwrote {stem}.csv, {stem.name}.md, {stem.name}.png")
     return 0
+
+
+def output_stem(settings: list[str], tasks: list[str] | None, feature: str, runs: int) -> str:
+    """`results` for the default table; another selection gets its own name, so it never overwrites the
+    files of the full table (or of another selection): results_<settings>[_<feature>][_<n>tasks-<hash>][_<k>runs]."""
+    parts = [] if list(settings) == list(DEFAULT_SETTINGS) else ["+".join(settings)]
+    parts += [] if feature == parse_args([]).feature else [feature]
+    if tasks is not None:
+        digest = hashlib.sha1("\n".join(sorted(tasks)).encode()).hexdigest()[:6]
+        parts.append(f"{len(set(tasks))}tasks-{digest}")
+    parts += [] if runs == DEFAULT_RUNS else [f"{runs}runs"]
+    name = "_".join(["results", *parts])
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)[:150]
 
 
 if __name__ == "__main__":

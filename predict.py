@@ -4,8 +4,9 @@
 
 RUN_DIR_OR_EXPORT is a final run folder (OUTPUT_DIR_final/<NAME>/<FEATURE>/lr.../run1, trained with
 MODEL.SAVE_CKPT True) or a file written by scripts/export.py. Folders are searched recursively for
-files Pillow reads; each image is resized to the backbone's size as in training. Prints one line per
-image (its top-k classes with probabilities); --out also writes them as CSV.
+files Pillow reads (hidden folders are not entered), as training reads its class folders; each image is
+decoded and resized as in training. Prints one line per image (its top-k classes with probabilities);
+--out also writes them as CSV (its folder is checked before any image is read).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import csv
 import os
 
 from src.errors import VQTError, run_cli
-from src.utils.cli import HelpFormatter
+from src.utils.cli import HelpFormatter, check_out_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def image_files(inputs: list[str]) -> tuple[list[str], list[str]]:
     """(images, skipped files): the given files, and the files under the given folders that Pillow
-    recognises (sorted); hidden files are ignored."""
-    from PIL import Image, UnidentifiedImageError
+    recognises (`src.data.folder.images_in`, the rule of training's class folders)."""
+    from src.data.folder import images_in
 
     found, skipped = [], []
     for item in inputs:
@@ -41,15 +42,9 @@ def image_files(inputs: list[str]) -> tuple[list[str], list[str]]:
             continue
         if not os.path.isdir(item):
             raise VQTError(f"{item} is neither an image file nor a folder")
-        for folder, dirs, files in sorted(os.walk(item)):
-            dirs.sort()
-            for name in sorted(f for f in files if not f.startswith(".")):
-                path = os.path.join(folder, name)
-                try:
-                    with Image.open(path):
-                        found.append(path)
-                except (UnidentifiedImageError, OSError):
-                    skipped.append(path)
+        images, bad = images_in(item)
+        found += images
+        skipped += bad
     if not found:
         raise VQTError(f"no images found in {' '.join(inputs)}")
     return found, skipped
@@ -63,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.topk < 1:
         raise VQTError(f"--topk must be >= 1 (got {args.topk})")
+    if args.out:
+        check_out_file(args.out, "--out")
     from src.models.inference import load_model  # imports torch and timm: after the arguments are checked
     from src.utils.device import resolve_device
 

@@ -3,7 +3,8 @@
 # keep-fraction per task as in the paper's demo. Then: python collect_demo_exp_results.py
 # Every task runs even if an earlier one fails (as the original); the failed ones are listed at the
 # end with their last `error:` line (each step's stderr is kept in $EXP_ROOT/logs/) and the exit
-# status is 1.
+# status is 1. Ctrl-C stops the whole sweep (exit status 130), listing the steps that finished;
+# rerunning the same command resumes (finished runs are reused).
 set -uo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -20,14 +21,29 @@ case $1 in
 esac
 
 FAILED=()
+FINISHED=()
+CURRENT=""
+ARGS="$*"
+# on_interrupt: one Ctrl-C (SIGINT to the foreground process group, or SIGTERM) ends the sweep here,
+# after the running step has stopped, and says what finished and how to resume
+on_interrupt() {
+    trap - INT TERM
+    local done=none
+    [ ${#FINISHED[@]} -eq 0 ] || done=$(printf '%s, ' "${FINISHED[@]}")
+    echo "interrupted${CURRENT:+ during $CURRENT}; steps finished: ${done%, }" >&2
+    echo "rerun \`bash run_demo_exp.sh $ARGS\` to resume: finished runs are reused, unfinished ones redone" >&2
+    exit 130
+}
+trap on_interrupt INT TERM
 # step LABEL LAUNCHER ARGS...: run one launcher (stderr shown and kept in $EXP_ROOT/logs); a failure is
 # recorded with the step's last `error:` line (else its last stderr line) and returns non-zero.
 step() {
     local label=$1 log
     shift
+    CURRENT=$label
     mkdir -p "$EXP_ROOT/logs"
     log=$EXP_ROOT/logs/${label//[^A-Za-z0-9_.=-]/_}.stderr
-    { bash "$@" 2>&1 1>&3 | tee "$log" >&2; } 3>&1 && return 0
+    { bash "$@" 2>&1 1>&3 | tee "$log" >&2; } 3>&1 && FINISHED+=("$label") && return 0
     local status=$? line
     line=$(grep '^error:' "$log" | tail -n 1)
     [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)

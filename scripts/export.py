@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.errors import run_cli
-from src.utils.cli import HelpFormatter
+from src.utils.cli import HelpFormatter, check_out_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def _run(args: argparse.Namespace) -> None:
     from src.models.inference import load_export, run_export
     from src.utils.layout import atomic_save
 
+    check_out_file(args.out, "--out")
     export = run_export(args.run_dir, args.weights)
     load_export(export)  # the backbone reference and the tensors load: fail now, not at the user's
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

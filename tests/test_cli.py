@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -126,3 +127,14 @@ def test_train_sparse_mode_choices(capsys):
         train.parse_args(["--sparse-mode", ""])
     assert e.value.code == 2 and "invalid choice: ''" in capsys.readouterr().err
     assert train.parse_args([]).sparse_mode is None
+
+
+@pytest.mark.parametrize("bench", sorted(p.name for p in (ROOT / "benchmarks").glob("bench_*.py")))
+def test_benchmark_help_is_whole(bench, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module(bench[:-3])
+    monkeypatch.setattr(sys, "argv", [bench, "--help"])
+    with pytest.raises(SystemExit) as done:
+        module.main()
+    last = module.__doc__.strip().splitlines()[-1]
+    assert done.value.code == 0 and last in capsys.readouterr().out

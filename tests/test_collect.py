@@ -57,6 +57,12 @@ def _tree(root: Path) -> None:
     # vtab-dmlab: nothing at all
 
 
+def _result(folder: Path, suffix: str) -> Path:
+    """The one result file with `suffix` in `folder` (named by the selection, e.g. results_6tasks-ab12cd.csv)."""
+    (path,) = folder.glob(f"results*{suffix}")
+    return path
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "h2t_vit_experiments"
@@ -96,7 +102,7 @@ def test_table_files_and_problems(tree, tmp_path, capsys):
     assert "Natural: 66.33  (3/3 tasks)" in stdout and "Structured: 40.00  (1/2 tasks)" in stdout
     assert "All (mean over tasks): 66.80  (5/6 tasks)" in stdout
 
-    with open(out / "results.csv") as f:
+    with open(_result(out, ".csv")) as f:
         rows = {r["task"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["vtab-caltech101", "vtab-dtd", "vtab-svhn", "vtab-eurosat", "vtab-dmlab", KITTI]
     assert rows["vtab-dtd"]["setting"] == f"{SPARSE}/keep_frac_0.7" and rows["vtab-dtd"]["group"] == "Natural"
@@ -106,7 +112,7 @@ def test_table_files_and_problems(tree, tmp_path, capsys):
     assert rows["vtab-dmlab"]["n_runs"] == "0" and rows["vtab-dmlab"]["mean"] == ""
     assert rows["vtab-eurosat"]["mean"] == "95.0000" and rows["vtab-svhn"]["epochs"] == "4"
 
-    md = (out / "results.md").read_text()
+    md = _result(out, ".md").read_text()
     assert f"| `vtab-dtd` | Natural | {SPARSE}/keep_frac_0.7 | 5/5 | 3 | 64.00 ± 2.83 |" in md
     assert "| `vtab-dmlab` | Structured | – | 0/5 |  | n/a |" in md
     assert "| Natural | 66.33 | 3/3 tasks |" in md and "| Specialized | 95.00 | 1/1 tasks |" in md
@@ -114,7 +120,7 @@ def test_table_files_and_problems(tree, tmp_path, capsys):
     assert "| All (mean of group means) | 67.11 | 3/3 groups |" in md
     assert "- incomplete  " in md
 
-    png = out / "results.png"
+    png = _result(out, ".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).ndim == 3
 
@@ -135,7 +141,7 @@ def test_settings_override_reports_from_listed_setting(tree, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "=====> 5\n10.00 ± 0.00" in stdout
     assert "missing     vtab-dtd: no complete runs under any of ['VQTSup_1_adam_final']" in stdout
-    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
+    rows = list(csv.DictReader(_result(tmp_path, ".csv").read_text().splitlines()))
     assert rows[1]["task"] == "vtab-eurosat" and rows[1]["setting"] == "VQTSup_1_adam_final"
 
 
@@ -145,3 +151,21 @@ def test_bad_input(tmp_path, capsys):
     assert collect.main(["--root", str(tmp_path), "--tasks", "vtab-bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown task(s) ['vtab-bogus']") and err.count("\n") == 1
+
+
+def test_writes_only_next_to_what_was_read_and_never_over_another_selection(tree, tmp_path, capsys):
+    stray = tmp_path / "not_an_experiment"
+    stray.mkdir()
+    assert collect.main(["--root", str(stray)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {stray} holds none of the settings")
+    assert list(stray.iterdir()) == []
+    assert collect.main(["--root", str(tree)]) == 0
+    full = (tree / "results" / "results.csv").read_text()
+    assert collect.main(["--root", str(tree), "--settings", FINAL20]) == 0
+    capsys.readouterr()
+    assert collect.main(["--root", str(tree), "--tasks", "vtab-eurosat", "vtab-svhn"]) == 0
+    assert "====== VQTSup_10_adam_final" not in capsys.readouterr().out  # no Q=10 task selected: no empty section
+    assert (tree / "results" / "results.csv").read_text() == full
+    names = sorted(p.name for p in (tree / "results").glob("*.csv"))
+    assert names[0] == "results.csv" and names[1].startswith("results_2tasks-") and names[2] == f"results_{FINAL20}.csv"

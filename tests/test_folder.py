@@ -18,7 +18,7 @@ import train
 from scripts import export as export_script
 from src.configs.defaults import get_cfg
 from src.configs.vit_configs import VIT_DEMO
-from src.data.folder import VAL_FRACTION, read_classes, read_images, scan
+from src.data.folder import VAL_FRACTION, describe, read_classes, read_image, read_images, scan
 from src.data.loader import check_task_data, load_split
 from src.data.preprocess import preprocess
 from src.errors import VQTError
@@ -190,3 +190,74 @@ def test_val_folder_used_when_present(tmp_path):
     data = scan(str(root))
     assert not data.val_from_train and len(data.files["val"]) == 6 and len(data.files["train"]) == 9
     assert json.loads(json.dumps(data.classes)) == CLASSES
+
+
+def _exif_rotated_png(path, pixels: np.ndarray) -> None:
+    """`pixels` stored with EXIF orientation 6 (a camera held upright: view rotated 90° clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+def test_16bit_and_exif_images_decode_alike_in_training_and_prediction(tmp_path):
+    root = tmp_path / "data"
+    write_folder_dataset(root, {"train": 3, "val": 1, "test": 1})
+    level = (np.arange(32 * 32).reshape(32, 32) * 7 % 256).astype(np.uint8)
+    Image.fromarray(np.minimum(level.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)).save(root / "train" / "cat" / "deep.png")  # I;16
+    stored = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    _exif_rotated_png(root / "train" / "dog" / "phone.png", stored)
+    upright = np.rot90(stored, k=-1)
+    assert Image.open(root / "train" / "cat" / "deep.png").mode == "I;16"
+    scan.cache_clear()
+    paths = [p for p, _ in scan(str(root)).files["train"]]
+    train_set = load_split(_cfg(root), "train800")
+    deep, phone = (paths.index(str(root / "train" / c / n)) for c, n in (("cat", "deep.png"), ("dog", "phone.png")))
+    np.testing.assert_array_equal(train_set.images[deep], np.stack([level] * 3, axis=-1))
+    np.testing.assert_array_equal(train_set.images[phone], upright)
+    predicted = list(read_images([paths[deep], paths[phone]], 32, "bicubic", 1))
+    np.testing.assert_array_equal(predicted[0], train_set.images[deep])
+    np.testing.assert_array_equal(predicted[1], upright)
+
+
+def test_exif_orientation_of_a_jpeg(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # view rotated 90° counter-clockwise
+    pixels = np.zeros((16, 48, 3), np.uint8)
+    pixels[:, :16] = 255  # white on the left of the stored image: at the bottom when upright
+    Image.fromarray(pixels).save(tmp_path / "p.jpg", exif=exif, quality=95)
+    upright = read_image(str(tmp_path / "p.jpg"))
+    assert upright.shape == (48, 16, 3)
+    assert upright[-16:].mean() > 240 and upright[:32].mean() < 15
+
+
+def test_predict_takes_one_path_a_list_or_pillow_images(trained):
+    root, runs = trained
+    paths = [p for p, _ in scan(str(root / "pets")).files["test"]][:3]
+    loaded = load_model(runs[0])
+    many = loaded.predict(paths)
+    assert many.shape == (3, len(CLASSES))
+    torch.testing.assert_close(loaded.predict(paths[1]), many[1:2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(loaded.predict(Path(paths[1])), many[1:2], rtol=0, atol=1e-6)
+    with Image.open(paths[2]) as img:
+        torch.testing.assert_close(loaded.predict([img]), many[2:], rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.predict(img), many[2:], rtol=0, atol=1e-6)
+
+
+def test_one_file_rule_for_training_and_predict(tmp_path):
+    """Images in subfolders of a class folder count (training and predict.py alike); .DS_Store and other
+    files Pillow cannot read are skipped and counted; hidden folders are not entered."""
+    root = tmp_path / "data"
+    write_folder_dataset(root, {"train": 3, "val": 1, "test": 1})
+    cat = root / "train" / "cat"
+    (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cat / "2019").mkdir()
+    shutil.copy(cat / "0.png", cat / "2019" / "nested.png")
+    (cat / ".thumbnails").mkdir()
+    shutil.copy(cat / "0.png", cat / ".thumbnails" / "hidden.png")
+    scan.cache_clear()
+    data = scan(str(root))
+    cat_files = sorted(p for p, y in data.files["train"] if y == 0)
+    assert [os.path.relpath(p, cat) for p in cat_files] == ["0.png", "1.jpg", "2.png", "2019/nested.png"]
+    assert [os.path.basename(p) for p in data.skipped] == [".DS_Store"]
+    assert "skipped 1 files Pillow cannot read" in describe(data, str(root))
+    assert predict.image_files([str(cat)]) == (cat_files, data.skipped)

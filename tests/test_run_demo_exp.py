@@ -3,8 +3,10 @@ rows, `python -m src.data.tasks --rows`, come from the real interpreter)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from src.data.tasks import TASKS
@@ -64,3 +66,41 @@ def test_help_and_usage(tmp_path):
     p = _run(tmp_path)
     assert p.returncode == 2 and p.stderr.startswith("usage:")
     assert not (tmp_path / "calls").exists()
+
+
+def test_one_ctrl_c_stops_the_whole_sweep(tmp_path):
+    """SIGINT to the sweep's process group while the second task trains (a Python that ends on Ctrl-C
+    through vqt's own `run_cli`, as train.py does): no later step starts, exit 130, and the message
+    names the finished steps and how to resume."""
+    ready = tmp_path / "ready"
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STUB_CALLS"
+case "$*" in
+    *"DATA.NAME vtab-dtd "*) exec {sys.executable} -c "import sys, time; from src.errors import run_cli; \\
+sys.exit(run_cli(lambda: (open('{ready}', 'w').close(), time.sleep(60))))" ;;
+esac
+""")
+    stub.chmod(0o755)
+    env = os.environ | {"PYTHON": str(stub), "STUB_CALLS": str(tmp_path / "calls"), "EXP_ROOT": str(tmp_path / "exp")}
+    p = subprocess.Popen(["bash", "run_demo_exp.sh", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert ready.exists()
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 4 and "DATA.NAME vtab-dtd " in calls[-1]  # caltech101, its 2 sparsity stages, dtd
+    assert "interrupted during vtab-dtd; steps finished: vtab-caltech101, vtab-caltech101.compression" in err
+    assert "rerun `bash run_demo_exp.sh 3` to resume" in err and "step(s) failed" not in err
+
+
+def test_launchers_help(tmp_path):
+    for launcher in sorted((ROOT / "scripts" / "VQT").glob("run_*.sh")):
+        p = subprocess.run(["bash", str(launcher.relative_to(ROOT)), "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30, check=False)
+        assert p.returncode == 0 and p.stderr == "", launcher
+        assert f"usage: bash scripts/VQT/{launcher.name} GPUIDX DATA_NAME" in p.stdout

@@ -148,3 +148,38 @@ def test_missing_or_wrong_weights(tmp_path):
     with pytest.raises(VQTError, match="cannot load .*other.safetensors into timm model") as err:
         build_timm_backbone(name, str(other), 32, **SMALL)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, size, fmt", [
+    ("vit_base_patch16_224.augreg2_in21k_ft_in1k", 32, "safetensors"),
+    ("deit_base_patch16_224.fb_in1k", 32, "deit"),
+    ("vit_base_patch16_clip_224.openai", 32, "safetensors"),
+    ("vit_medium_patch16_gap_256.sw_in12k_ft_in1k", 32, "safetensors"),
+])
+def test_weights_load_strictly(tmp_path, name, size, fmt):
+    """A file with a tensor missing and a foreign one is refused in one line naming both; the file as
+    released loads (with its head, which is then dropped)."""
+    path = str(tmp_path / f"w.{'pth' if fmt == 'deit' else fmt}")
+    peer = write_family_weights(path, name, size, fmt)
+    backbone = build_timm_backbone(name, path, size, **SMALL)
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.bias, peer.blocks[1].mlp.fc2.bias, rtol=0, atol=0)
+    state = {k: v for k, v in peer.state_dict().items() if k != "blocks.1.mlp.fc2.bias"}
+    state["foreign.weight"] = torch.zeros(3)
+    if fmt == "deit":
+        torch.save({"model": state}, path)
+    else:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    with pytest.raises(VQTError, match="cannot load .*Missing key.*blocks.1.mlp.fc2.bias.*Unexpected key.*"
+                                       "foreign.weight") as err:
+        build_timm_backbone(name, path, size, **SMALL)
+    assert "\n" not in str(err.value)
+
+
+def test_fine_tuned_head_of_another_size_loads(tmp_path):
+    """A fine-tuned checkpoint (10 classes, not the released 1000) still loads strictly, with its own head."""
+    name, path = "deit_base_patch16_224.fb_in1k", str(tmp_path / "finetuned.pth")
+    torch.manual_seed(0)
+    peer = timm.create_model(name, img_size=32, num_classes=10, **SMALL).eval()
+    torch.save({"model": peer.state_dict()}, path)
+    backbone = build_timm_backbone(name, path, 32, **SMALL)
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, peer.blocks[1].mlp.fc2.weight, rtol=0, atol=0)

@@ -1,4 +1,8 @@
 # Shared by the VQT launchers: paths (overridable from the environment) and the common overrides.
+# -h / --help: the launcher's header comment (what it does, its usage) on stdout, exit status 0
+case "${1:-}" in
+    -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+esac
 MODEL_ROOT=${MODEL_ROOT:-pre-trained_weights}
 DATA_PATH=${DATA_PATH:-vtab_data}
 EXP_ROOT=${EXP_ROOT:-h2t_vit_experiments}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import yaml
 from yacs.config import CfgNode
 
 from src.configs.validate import type_problem
@@ -30,7 +31,7 @@ def _tag(tag: str, key: str, value) -> None:
 
 _C = CfgNode()
 _C.DBG = False                         # a quick check of the pipeline: at most 20 training steps per epoch
-_tag(SAME, "OUTPUT_DIR", "./output")   # experiment root; the protocol adds _val/_final/_sparsefinal
+_tag(SAME, "OUTPUT_DIR", "output/vqt")  # experiment root; the protocol adds _val/_final/_sparsefinal
 _tag(PER_RUN, "SEED", 100)             # seed of the search runs (the original's); finals: 42, 44, 82, 100, 800
 _tag(SAME, "DEVICE", "auto")           # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 _tag(SAME, "CUDNN_BENCHMARK", False)   # torch.backends.cudnn.benchmark on a GPU
@@ -130,6 +131,37 @@ def get_cfg() -> CfgNode:
     return _C.clone()
 
 
+def _merge_file(cfg: CfgNode, path: str) -> None:
+    """Merge the yaml file `path` into `cfg`; any problem (syntax, a tab, not KEY: VALUE mappings, an unknown
+    key, a wrong type) is one line naming the file and where."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise VQTError(f"config file {path} is not valid YAML{where} ({problem}): fix the syntax (indent with "
+                       "spaces, not tabs)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VQTError(f"cannot read config file {path} ({e}): pass a readable yaml file") from None
+    if not isinstance(data, dict | None):
+        raise VQTError(f"config file {path} holds a {type(data).__name__} at the top level: write KEY: VALUE "
+                       "mappings, e.g. `DATA:` then `  NAME: ...` on the next line")
+    try:
+        cfg.merge_from_other_cfg(CfgNode(data or {}))
+    except KeyError as e:
+        raise VQTError(f"config file {path}: {e.args[0]}; see src/configs/defaults.py for the keys") from None
+    except (ValueError, AssertionError) as e:
+        key = str(e).rsplit("for config key: ", 1)[-1].strip()
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, CfgNode) else None
+        what = "a group of keys (KEY: VALUE lines indented under it)" if isinstance(node, CfgNode) else \
+            f"of type {type(node).__name__} (as its default {node!r})"
+        raise VQTError(f"config file {path}: {key} must be {what}") from None
+
+
 def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
     """Defaults, then `config_file`, then `KEY VALUE` pairs; errors name the bad key or file. The values
     are checked by `src.configs.validate.validate` when the protocol starts."""
@@ -138,10 +170,7 @@ def load_cfg(config_file: str = "", opts: list[str] | None = None) -> CfgNode:
         if not os.path.isfile(config_file):
             raise VQTError(f"config file {config_file!r} does not exist (pass --config-file with a yaml under "
                            "configs/)")
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError) as e:
-            raise VQTError(f"config file {config_file}: {e}") from None
+        _merge_file(cfg, config_file)
     opts = list(opts or [])
     if len(opts) % 2:
         raise VQTError(f"config overrides must be KEY VALUE pairs; got an odd list: {opts}")

@@ -115,6 +115,12 @@ def _combination_problems(cfg: CfgNode, sparse_mode: str | None) -> list[str]:
         "compress needs MODEL.H2T.KEEP_FRAC 1.0 and MODEL.H2T.LRP_COEF > 0":
             sparse_mode == "compress" and not modes["compress"],
         "featselect needs MODEL.H2T.LRP_COEF 0.0": sparse_mode == "featselect" and not modes["featselect"],
+        "OUTPUT_DIR is empty: the results would land in the current folder as _val/, _final/; set OUTPUT_DIR (e.g. "
+        "output/vqt)": not str(cfg.OUTPUT_DIR).strip(),
+        **{f"{key} {value!r} must be one folder name (results go to OUTPUT_DIR_final/<DATA.NAME>/<DATA.FEATURE>): "
+           "drop the '/' and '..' (the data's location goes in DATA.DATAPATH)":
+           "/" in value or "\\" in value or value in (".", "..")
+           for key, value in (("DATA.NAME", cfg.DATA.NAME), ("DATA.FEATURE", cfg.DATA.FEATURE))},
         f"MODEL.TIMM_NAME {m.TIMM_NAME} and the zoo backbone DATA.FEATURE {cfg.DATA.FEATURE} are both given: drop "
         "one (with TIMM_NAME, DATA.FEATURE only labels the output folders)":
             bool(m.TIMM_NAME) and cfg.DATA.FEATURE in MODEL_ZOO and cfg.DATA.FEATURE != DEFAULT_FEATURE,

@@ -1,6 +1,6 @@
 """Your own images (DATA.SOURCE folder): DATA.DATAPATH/train/<class>/*, optional .../val/<class>/* and
 .../test/<class>/*. Class names are the folder names (sorted; label = index); any number of classes;
-any image format Pillow reads, at any size.
+any image format Pillow reads, at any size, anywhere under the class folder (subfolders included).
 
 The protocol's splits map onto the folders: train800 = train (less the validation slice), val200 = val,
 train800val200 = both, test = test. Without a val folder, validation is a stratified `VAL_FRACTION` of
@@ -9,11 +9,12 @@ the backbone's size with its resampling filter (DATA.CROPSIZE and DATA.INTERPOLA
 
 Bad input stops with one line: a missing train or test folder, an empty class folder, class folders
 that differ between splits. Files Pillow does not recognise as images (README.txt, .DS_Store, ...)
-are skipped, and the log gives their count and an example; a recognised image that then fails to
+are skipped, and the log gives their count and an example; hidden folders are not entered; a recognised image that then fails to
 decode stops the run with its file name.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -41,21 +42,23 @@ class FolderData:
     skipped: list[str]
 
 
-def _images_in(folder: str) -> tuple[list[str], list[str]]:
-    """(image files, skipped files) of one class folder, sorted; hidden files are ignored."""
+def images_in(folder: str) -> tuple[list[str], list[str]]:
+    """(image files, skipped files) under `folder` and its subfolders (hidden subfolders are not entered),
+    sorted: every file Pillow recognises is an image, every other file (README.txt, .DS_Store) is skipped.
+    The one rule of training's class folders and predict.py's folders."""
     from PIL import Image, UnidentifiedImageError
 
     images, skipped = [], []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or not os.path.isfile(path):
-            continue
-        try:
-            with Image.open(path):
-                images.append(path)
-        except (UnidentifiedImageError, OSError):
-            skipped.append(path)
-    return images, skipped
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                with Image.open(path):
+                    images.append(path)
+            except (UnidentifiedImageError, OSError):
+                skipped.append(path)
+    return sorted(images), sorted(skipped)
 
 
 def _class_folders(split_dir: str) -> list[str]:
@@ -75,7 +78,7 @@ def _part(root: str, part: str, classes: list[str] | None) -> tuple[list[str], l
                        "use the same class folders in every split")
     files, skipped = [], []
     for label, name in enumerate(names):
-        images, bad = _images_in(os.path.join(split_dir, name))
+        images, bad = images_in(os.path.join(split_dir, name))
         if not images:
             raise VQTError(f"class folder {os.path.join(split_dir, name)} has no images Pillow can read: add images "
                            "or remove the folder")
@@ -131,18 +134,36 @@ def folder_summary(data: FolderData, root: str) -> str:
     return f"{root}: {len(data.classes)} classes, {counts} images; {val}{skipped}"
 
 
-def read_image(path: str, size: int, interpolation: str) -> np.ndarray:
-    """An image file as uint8 (size, size, 3) RGB, resized with Pillow's `interpolation` filter."""
+def to_rgb(img):
+    """A Pillow image as an 8-bit RGB image upright: its EXIF orientation applied, 16- and 32-bit integer
+    images (`I;16`, `I`) scaled by their 16-bit range (value / 257), float images (`F`) by their min..max."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)
+        else:
+            a = a / 257.0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def read_image(image, size: int = 0, interpolation: str = "bicubic") -> np.ndarray:
+    """An image file (or Pillow image) as uint8 (H, W, 3) RGB (`to_rgb`), resized to (size, size) with
+    Pillow's `interpolation` filter when `size` > 0. The one decoder of training and prediction."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), getattr(Image.Resampling, interpolation.upper()))
-            return np.asarray(img, dtype=np.uint8)
+        with contextlib.nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as img:
+            rgb = to_rgb(img)
+            if size and rgb.size != (size, size):
+                rgb = rgb.resize((size, size), getattr(Image.Resampling, interpolation.upper()))
+            return np.asarray(rgb, dtype=np.uint8)
     except OSError as e:
-        raise VQTError(f"cannot decode image {path} ({e}): replace or remove the file") from None
+        raise VQTError(f"cannot decode image {image} ({e}): replace or remove the file") from None
 
 
 def read_images(paths: list[str], size: int, interpolation: str, workers: int) -> Iterator[np.ndarray]:

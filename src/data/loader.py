@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from src.data.folder import check_folder_data, folder_source
+from src.data.folder import check_folder_data, folder_source, read_image
 from src.data.tasks import SPLITS, VTABTask, get_task
 from src.errors import VQTError
 from src.utils.logging import get_logger
@@ -268,21 +268,11 @@ def _folder_source(cfg, task: VTABTask, split: str) -> tuple[int, Iterator[tuple
     return len(entries), _read_images(entries, max(1, int(cfg.DATA.NUM_WORKERS)))
 
 
-def _read_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise VQTError(f"cannot read image {path}: {e}") from None
-
-
 def _read_images(entries: list[tuple[str, int]], workers: int, chunk: int = 256) -> Iterator[tuple[np.ndarray, int]]:
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(entries), chunk):
             part = entries[start:start + chunk]
-            yield from zip(pool.map(_read_image, [p for p, _ in part]), (label for _, label in part))
+            yield from zip(pool.map(read_image, [p for p, _ in part]), (label for _, label in part))
 
 
 def _source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:

@@ -20,14 +20,17 @@ from src.data.folder import check_folder_classes, scan, write_classes
 from src.data.loader import ImageSet, check_task_data, data_identity, load_split, stream_split
 from src.engine.frozen import CacheDoesNotFit, FrozenFeatures
 from src.engine.identity import differences, run_identity, task_settings
+from src.engine.memory import check_training_memory
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.engine.train import Engine, train_phase
 from src.errors import VQTError
 from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
+from src.models.timm_backbone import check_timm_name
 from src.models.vqt import HEAD_B, HEAD_W, QuerySpec
+from src.utils.cli import check_can_create
 from src.utils.device import describe_device, resolve_device
-from src.utils.layout import Layout, RunState, TaskLock, remove_dead_temps, stage_name, use_scratch
+from src.utils.layout import PHASES, Layout, RunState, TaskLock, remove_dead_temps, stage_name, use_scratch
 from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
@@ -220,6 +223,8 @@ class Task:
                           f"the same settings (reused){beside}")
         if not todo:
             return
+        check_training_memory(self.spec, self.backbone, [r.seed for r in runs] if self.grid else [0], recipe,
+                              self.device, self.frozen if self.grid else None)
         data, engine = self.data(train, test), self.engine()
         jobs = [(r, RunRecord(r, self.cfg, save_ckpt=save_ckpt, write=any(r is t for t in todo)))
                 for r in (runs if engine.grid else todo)]
@@ -372,7 +377,7 @@ def resolve_cfg(cfg: CfgNode) -> CfgNode:
     image = backbone_image_config(cfg)
     cfg.DATA.CROPSIZE, cfg.DATA.INTERPOLATION = image.size, image.interpolation
     if cfg.DATA.SOURCE == "folder":
-        cfg.DATA.NAME = cfg.DATA.NAME or os.path.basename(os.path.normpath(cfg.DATA.DATAPATH))
+        cfg.DATA.NAME = cfg.DATA.NAME or os.path.basename(os.path.abspath(cfg.DATA.DATAPATH))
         classes = scan(cfg.DATA.DATAPATH).classes
         check_folder_classes(cfg, classes)
         cfg.DATA.NUMBER_CLASSES = len(classes)
@@ -385,13 +390,21 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
     """Search (unless `dont_search` or an lr/wd is given) then the 5 final runs; or one compression
     stage (`sparse_mode`). `overwrite`: retrain finished runs whose settings changed."""
     validate(cfg, sparse_mode)
+    if cfg.MODEL.TIMM_NAME:
+        check_timm_name(cfg.MODEL.TIMM_NAME)  # a family VQT runs, before anything is written
+    check_can_create(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     setup_logging()
+    phases = ("sparse",) if sparse_mode else ("final",) if dont_search or cfg.SOLVER.BASE_LR is not None else \
+        ("search", "final")
+    get_logger().info(f"results go to {', '.join(os.path.abspath(cfg.OUTPUT_DIR) + PHASES[p] for p in phases)} "
+                      f"(OUTPUT_DIR {cfg.OUTPUT_DIR})")
     use_scratch(Layout.from_cfg(cfg).cache_dir())
     counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
     if cfg.DATA.SOURCE != "folder":  # a folder dataset's images per folder are logged as it is scanned
         get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
     task = Task(cfg, overwrite)
+    _ = task.backbone  # a missing or wrong weight file stops here, before anything is written
     if cfg.DATA.SOURCE == "folder":  # class names for predict.py / scripts/export.py
         write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"), scan(cfg.DATA.DATAPATH).classes)
     with contextlib.closing(task):

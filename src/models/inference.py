@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from yacs.config import CfgNode
 
 from src.configs.defaults import load_cfg
@@ -38,11 +39,15 @@ class Loaded:
     image: ImageConfig
 
     @torch.no_grad()
-    def predict(self, paths: list[str], batch_size: int = 64, workers: int = 4) -> torch.Tensor:
-        """Class probabilities (N, C) of image files, read and resized as the training images were."""
+    def predict(self, images: str | os.PathLike | Image.Image | Sequence[str | os.PathLike | Image.Image],
+                batch_size: int = 64, workers: int = 4) -> torch.Tensor:
+        """Class probabilities (N, C) of one image file or Pillow image, or a list of them, decoded and
+        resized as the training images were."""
+        if isinstance(images, str | os.PathLike | Image.Image):
+            images = [images]
         device = next(self.model.parameters()).device
         probs = []
-        images = read_images(paths, self.image.size, self.image.interpolation, workers)
+        images = read_images(list(images), self.image.size, self.image.interpolation, workers)
         for batch in _chunks(images, batch_size):
             probs.append(self.model(preprocess(batch, self.image.size, device)).softmax(dim=-1).cpu())
         return torch.cat(probs) if probs else torch.empty(0, len(self.classes))
@@ -98,12 +103,17 @@ def run_export(run_dir: str, weights: str = "") -> dict:
         raise VQTError(f"{run_dir} is {state.value}{why}, not a finished run: rerun its phase (train.py), which "
                        "redoes it, then export")
     cfg = load_cfg(cfg_file)
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        trained = ckpt["model"]
+    except Exception as e:  # noqa: BLE001 - an empty, truncated or foreign file fails in many ways
+        raise VQTError(f"cannot read {ckpt_file} ({type(e).__name__}): empty, truncated or not a vqt checkpoint; "
+                       "retrain the run (delete its folder and rerun train.py) or use an export file") from None
     classes = read_classes(run_dir) or [str(c) for c in range(cfg.DATA.NUMBER_CLASSES)]
     backbone = {"timm_name": cfg.MODEL.TIMM_NAME, "feature": cfg.DATA.FEATURE, "model_type": cfg.MODEL.TYPE,
                 "weights": os.path.abspath(weights) if weights else _weights(cfg, run_dir)}
     return {"format": FORMAT, "backbone": backbone, "spec": dataclasses.asdict(QuerySpec.from_cfg(cfg)),
-            "trained": ckpt["model"], "feat_ids": ckpt.get("feat_ids"),
+            "trained": trained, "feat_ids": ckpt.get("feat_ids"),
             "image": dataclasses.asdict(backbone_image_config(cfg)), "classes": classes,
             "run": os.path.abspath(run_dir)}
 

@@ -9,6 +9,7 @@ its filters convert), and Google/big_vision `.npz` files.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ from src.models.vit import SUPPORTED, Unsupported, VisionTransformer, check_supp
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".pt", ".bin", ".npz")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's Hugging Face loader reads, in its order
+# torch's load_state_dict message for a head of another class count (the file's count first)
+HEAD_MISMATCH = re.compile(r"size mismatch for head\.(?:weight|bias): copying a param with shape torch\.Size\(\[(\d+)")
+SIZE_MISMATCH = re.compile(r"size mismatch for ")
 NO_DROPOUT = {key: 0.0 for key in ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                                    "drop_path_rate")}
 
@@ -71,8 +75,8 @@ def cached_weights(name: str) -> str | None:
     return None
 
 
-def _create(name: str, img_size: int, **kwargs) -> torch.nn.Module:
-    return timm.create_model(name, num_classes=0, img_size=img_size, **NO_DROPOUT, **kwargs)
+def _create(name: str, img_size: int, num_classes: int = 0, **kwargs) -> torch.nn.Module:
+    return timm.create_model(name, num_classes=num_classes, img_size=img_size, **NO_DROPOUT, **kwargs)
 
 
 def check_timm_name(name: str, **overrides) -> torch.nn.Module:
@@ -107,15 +111,33 @@ def build_timm_backbone(name: str, weights: str = "", img_size: int = 0, **overr
         raise VQTError(f"MODEL.WEIGHT_PATH {path} does not exist: point it at the weight file of {name}")
     if not path.endswith(WEIGHT_SUFFIXES):
         raise VQTError(f"MODEL.WEIGHT_PATH {path}: unknown weight format; use one of {', '.join(WEIGHT_SUFFIXES)}")
-    overlay = {"file": path, "custom_load": path.endswith(".npz")}
-    try:
-        model = _create(name, image.size, pretrained=True, pretrained_cfg_overlay=overlay, **overrides)
-    except Exception as e:  # noqa: BLE001 - timm's loaders raise many types for a wrong or corrupt file
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise VQTError(f"cannot load {path} into timm model {name} ({type(e).__name__}: {detail[:300]}): "
-                       "is it the weight file of this model, complete and uncorrupted?") from None
+    model = _load_strictly(name, path, image.size, **overrides)
     backbone = VisionTransformer.from_timm(model, image.mean, image.std)
     return backbone.requires_grad_(False).eval()
+
+
+def _load_strictly(name: str, path: str, img_size: int, **overrides) -> torch.nn.Module:
+    """timm model `name` with every tensor from `path`, then without its head: built with the file's head
+    (timm drops a head it does not build, and then loads the rest non-strictly), loaded strictly, so a
+    missing or foreign tensor is one line naming the keys. The head is the released one's size, or the
+    file's when it has another (a fine-tuned checkpoint)."""
+    overlay = {"file": path, "custom_load": path.endswith(".npz")}
+    num_classes = pretrained_cfg(name).num_classes or 0
+    for attempt in range(2):
+        try:
+            model = _create(name, img_size, num_classes, pretrained=True, pretrained_cfg_overlay=overlay, **overrides)
+            break
+        except Exception as e:  # noqa: BLE001 - timm's loaders raise many types for a wrong or corrupt file
+            detail = " ".join(str(e).split())
+            head = HEAD_MISMATCH.search(detail)
+            if head and attempt == 0 and not SIZE_MISMATCH.search(HEAD_MISMATCH.sub("", detail, count=2)):
+                num_classes = int(head.group(1))
+                continue
+            detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+            raise VQTError(f"cannot load {path} into timm model {name} ({type(e).__name__}: {detail}): "
+                           "is it the weight file of this model, complete and uncorrupted?") from None
+    model.reset_classifier(0)
+    return model
 
 
 def download_timm_weights(name: str) -> str:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 
+from src.errors import VQTError
+
 FMT = "[%(asctime)s %(name)s]: %(message)s"
 DATEFMT = "%m/%d %H:%M:%S"
 
@@ -58,22 +60,33 @@ def environment() -> list[str]:
     return [f"command: {' '.join(sys.argv)}", f"git commit: {commit}", "packages: " + ", ".join(versions)]
 
 
+class _TaskFile(logging.FileHandler):
+    """A log file whose failed write (a full disk) stops the run with one line instead of logging's traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        raise VQTError(f"cannot write the log {self.baseFilename}: {getattr(err, 'strerror', None) or err}; free "
+                       "space there (or point OUTPUT_DIR elsewhere), then rerun: unfinished runs are redone") from None
+
+
 @contextlib.contextmanager
 def task_log(path: str, header: list[str] = ()) -> Iterator[None]:
     """Also append the `vqt` logger's lines to `path` while the block runs; the file starts with `header`
     and ends with the wall time."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _TaskFile(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(name)s: %(message)s", DATEFMT))
     logger = setup_logging()
     logger.addHandler(handler)
     start = time.time()
-    for line in header:
-        handler.emit(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
     try:
+        for line in header:
+            handler.emit(logger.makeRecord(logger.name, logging.INFO, __file__, 0, line, None, None))
         yield
     finally:
-        handler.emit(logger.makeRecord(logger.name, logging.INFO, __file__, 0,
-                                       f"wall time: {time.time() - start:.1f} s", None, None))
         logger.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(VQTError):  # a full disk was already reported by the failed write
+            handler.emit(logger.makeRecord(logger.name, logging.INFO, __file__, 0,
+                                           f"wall time: {time.time() - start:.1f} s", None, None))
+        with contextlib.suppress(OSError):
+            handler.close()
