@@ -18,7 +18,7 @@ import train
 from scripts import export as export_script
 from src.configs.defaults import get_cfg
 from src.configs.vit_configs import VIT_DEMO
-from src.data.folder import VAL_FRACTION, describe, read_classes, read_image, read_images, scan
+from src.data.folder import VAL_FRACTION, folder_summary, read_classes, read_image, read_images, scan
 from src.data.loader import check_task_data, load_split
 from src.data.preprocess import preprocess
 from src.errors import VQTError
@@ -259,5 +259,5 @@ def test_one_file_rule_for_training_and_predict(tmp_path):
     cat_files = sorted(p for p, y in data.files["train"] if y == 0)
     assert [os.path.relpath(p, cat) for p in cat_files] == ["0.png", "1.jpg", "2.png", "2019/nested.png"]
     assert [os.path.basename(p) for p in data.skipped] == [".DS_Store"]
-    assert "skipped 1 files Pillow cannot read" in describe(data, str(root))
+    assert "skipped 1 files Pillow cannot read" in folder_summary(data, str(root))
     assert predict.image_files([str(cat)]) == (cat_files, data.skipped)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from src.configs.vit_configs import VIT_DEMO
+from src.engine.members import Members
 from src.engine.memory import training_bytes
 from src.engine.runs import Recipe
 from src.models.vit import VisionTransformer
-from src.models.vqt import Members, QuerySpec
+from src.models.vqt import QuerySpec
 
 
 def _saved_bytes(model: Members, feat: torch.Tensor, kvs, y: torch.Tensor) -> int:
