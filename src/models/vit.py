@@ -50,6 +50,7 @@ class Block(nn.Module):
             raise Unsupported(f"attention {type(attn).__name__} (gated or not timm's Attention); supported: {SUPPORTED}")
         self.norm1, self.attn, self.ls1 = blk.norm1, attn, blk.ls1
         self.norm2, self.mlp, self.ls2 = blk.norm2, blk.mlp, blk.ls2
+        self.adapter: nn.Module | None = None  # a parallel branch on the MLP's input (AdaptFormer)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -59,7 +60,8 @@ class Block(nn.Module):
         """Residual attention output (heads (B, H, N, hd) merged, scale norm, proj, LayerScale) + MLP."""
         b, h, n, hd = o.shape
         x = x + self.ls1(self.attn.proj(self.attn.norm(o.transpose(1, 2).reshape(b, n, h * hd))))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        out = x + self.ls2(self.mlp(self.norm2(x)))
+        return out if self.adapter is None else out + self.adapter(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block on the backbone's tokens; also returns their keys (after k_norm) and values."""
