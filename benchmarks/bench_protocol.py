@@ -42,9 +42,10 @@ from src.data.preprocess import preprocess
 from src.engine.fit import fit
 from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
-from src.engine.protocol import FINAL_SEEDS, lr_wd_grid
+from src.engine.protocol import FINAL_SEEDS
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
+from src.engine.search_grids import lr_wd_grid
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.vit import VisionTransformer
 from src.models.vqt import VQT, Members, QuerySpec

@@ -25,6 +25,7 @@ from src.engine.grid import fit_grid
 from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
 from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
+from src.engine.search_grids import lr_wd_grid
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone, image_config, weight_path
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
@@ -34,20 +35,6 @@ from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
 SPARSE_MODES = ("compress", "featselect")
-LARGE_ARCH_FEATS = ("sup_vitl16_imagenet21k", "sup_vith14_imagenet21k")
-
-
-def lr_wd_grid(optimizer: str, arch_feats: str = "") -> tuple[list[float], list[float]]:
-    """The original's search grids (lr before batch scaling), each sorted descending."""
-    if optimizer == "sgd":
-        lrs, wds = [5.0, 2.5, 1.0, 50.0, 25.0, 10.0, 0.5, 0.25, 0.1, 0.05], [0.01, 0.001, 0.0001, 0.0]
-    elif optimizer == "adam" and arch_feats in LARGE_ARCH_FEATS:
-        lrs, wds = [0.5, 0.1, 0.05], [0.01, 0.0001, 0.0]
-    elif optimizer == "adam":
-        lrs, wds = [1.0, 0.5, 0.25, 0.1, 0.05], [0.01, 0.001, 0.0001, 0.0]
-    else:
-        raise VQTError(f"no search grid for SOLVER.OPTIMIZER {optimizer!r}; use adam or sgd")
-    return sorted(lrs, reverse=True), sorted(wds, reverse=True)
 
 
 def check_supported(cfg: CfgNode) -> None:

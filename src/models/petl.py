@@ -70,6 +70,9 @@ class Method:
         return self.base in ("h2t-prompt", "linear")
 
 
+VQT_METHOD = Method()
+
+
 class Prompts(nn.Module):
     """VPT's prompts: T vectors of width p (p = `project` if > -1, else D) entering after the prefix tokens,
     `deep`: fresh prompts replacing them before every later layer. Projected (Linear(p, D)) and dropped out."""

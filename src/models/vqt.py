@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.petl import Method, adapt, reset_adaptation
+from src.models.petl import VQT_METHOD, Method, adapt, reset_adaptation
 from src.models.vit import KV, VisionTransformer
 
 HEAD_BIAS = -math.log((1 - 0.01) / 0.01)  # the original's "special bias" (prior 0.01) for every class
@@ -88,7 +88,7 @@ class VQT(nn.Module):
     """
 
     def __init__(self, backbone: VisionTransformer, spec: QuerySpec, feat_ids: torch.Tensor | None = None,
-                 method: Method = Method()):
+                 method: Method = VQT_METHOD):
         super().__init__()
         self.backbone, self.prompts = adapt(backbone.requires_grad_(False), method)
         self.spec, self.method = spec, method
