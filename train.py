@@ -16,10 +16,11 @@ from src.utils.cli import HelpFormatter
 from src.utils.quiet import quiet_tensorflow
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+def parse_args(argv: list[str] | None = None, doc: str = __doc__) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config-file", default="", help="yaml config (e.g. configs/h2t-prompt/vtab.yaml)")
-    p.add_argument("--train-type", default="h2t-prompt", help="only h2t-prompt (VQT)")
+    p.add_argument("--train-type", default="", help="the search grid: h2t-prompt (VQT's), linear, linear_mae, prompt, "
+                   "prompt_largerlr or finetune (tune_vtab.py's); default: MODEL.TRANSFER_TYPE's")
     p.add_argument("--optimizer", default=None, help="sets SOLVER.OPTIMIZER (adam or sgd; default: the config's)")
     p.add_argument("--dont_search", "--dont-search", action="store_true", help="skip the lr x wd search")
     p.add_argument("--arch_feats", "--arch-feats", default="",
@@ -35,15 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, doc: str = __doc__) -> int:
+    """Parse the command line (`doc` is its help text) and run the protocol; the exit status."""
     quiet_tensorflow()
-    args = parse_args(argv)
+    args = parse_args(argv, doc)
     return run_cli(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.train_type != "h2t-prompt":
-        raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
     flag = next((o for o in args.opts if o.startswith("--")), None)
     if flag:
         raise VQTError(f"option {flag.split('=')[0]} must come before the KEY VALUE overrides")
@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> None:
     cfg.freeze()
     from src.engine.protocol import run_protocol  # imports torch/TF: after the arguments are checked
     run_protocol(cfg, dont_search=args.dont_search, sparse_mode=args.sparse_mode, arch_feats=args.arch_feats,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, grid=args.train_type)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ from src.engine.grid import fit_grid
 from src.engine.identity import differences, run_identity, task_settings
 from src.engine.record import RunRecord
 from src.engine.runs import AUTOCAST, Recipe, Run, SplitStream, TaskData
-from src.engine.search_grids import lr_wd_grid
+from src.engine.search_grids import DEFAULT_GRID, lr_wd_grid
 from src.errors import VQTError
 from src.models.checkpoints import build_backbone, image_config, weight_path
+from src.models.petl import TRANSFER_TYPES, Method
 from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
 from src.utils.device import describe_device, resolve_device
 from src.utils.layout import Layout, RunDir, TaskLock, last_epoch, stage_name
@@ -35,13 +36,16 @@ from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
 SPARSE_MODES = ("compress", "featselect")
+QUERY_KEYS = ("NUM_QUERY_TOKENS", "DROPOUT", "NORMALIZE_FEATS", "POOLING_FEATS", "WEIGHTED_SUM_FEATS", "EMBED_DROPOUT_IN_TRAIN",
+              "QUERY_ATTENDS_QUERIES")  # the MODEL.H2T keys only a method with query tokens reads
 
 
 def check_supported(cfg: CfgNode) -> None:
     """Reject the original's options that are not implemented, and contradictory settings (one line each)."""
     m, sol, data, eng = cfg.MODEL, cfg.SOLVER, cfg.DATA, cfg.ENGINE
     problems = {
-        f"MODEL.TRANSFER_TYPE {m.TRANSFER_TYPE!r}: only h2t-prompt (VQT)": m.TRANSFER_TYPE != "h2t-prompt",
+        f"MODEL.TRANSFER_TYPE {m.TRANSFER_TYPE!r} is not one of {', '.join(TRANSFER_TYPES)}":
+            m.TRANSFER_TYPE not in TRANSFER_TYPES,
         "MODEL.MLP_NUM must be 0: only a linear head is implemented": m.MLP_NUM != 0,
         f"SOLVER.OPTIMIZER {sol.OPTIMIZER!r}: use adam or sgd (adamw is not implemented)":
             sol.OPTIMIZER not in ("adam", "sgd"),
@@ -63,6 +67,35 @@ def check_supported(cfg: CfgNode) -> None:
     for message, bad in problems.items():
         if bad:
             raise VQTError(message)
+    check_method(cfg)
+
+
+def check_method(cfg: CfgNode) -> None:
+    """The method's keys hold values it runs, and no key of another method is set (it would be ignored)."""
+    m = cfg.MODEL
+    p, default = m.PROMPT, get_cfg().MODEL
+    fixed = {"MODEL.PROMPT.LOCATION": (p.LOCATION, "prepend"), "MODEL.PROMPT.INITIATION": (p.INITIATION, "random"),
+             "MODEL.PROMPT.NUM_DEEP_LAYERS": (p.NUM_DEEP_LAYERS, None),
+             "MODEL.PROMPT.DEEP_SHARED": (p.DEEP_SHARED, False),
+             "MODEL.PROMPT.VIT_POOL_TYPE": (p.VIT_POOL_TYPE, "original"),
+             "MODEL.ADAPTER.STYLE": (m.ADAPTER.STYLE, "Pfeiffer")}
+    for key, (value, only) in fixed.items():
+        if value != only:
+            raise VQTError(f"{key} {value!r}: only {only!r} is implemented (the original code runs no other)")
+    method = Method.from_cfg(cfg)
+    readers = {"PROMPT": ("prompt",), "ADAPTER": ("adapter",), "ADAPTFORMER": ("adaptformer",), "LORA": ("lora",)}
+    for node, bases in readers.items():
+        changed = [k for k, v in m[node].items() if v != default[node][k]]
+        if changed and method.base not in bases:
+            raise VQTError(f"MODEL.{node}.{changed[0]} is set but MODEL.TRANSFER_TYPE {method.name} does not use it: "
+                           f"drop it, or set a TRANSFER_TYPE that does ({', '.join(bases)})")
+    queries = [k for k in QUERY_KEYS if m.H2T[k] != default.H2T[k]]
+    if queries and not method.queries:
+        raise VQTError(f"MODEL.H2T.{queries[0]} is set but MODEL.TRANSFER_TYPE {method.name} has no query tokens: "
+                       "drop it, or use h2t-prompt or a vqt+ type")
+    if cfg.ENGINE.CACHE == "on" and not method.frozen_path:
+        raise VQTError(f"ENGINE.CACHE on: MODEL.TRANSFER_TYPE {method.name} trains inside the backbone, so its path "
+                       "cannot be cached; use ENGINE.CACHE auto or off")
 
 
 def find_best_lrwd(layout: Layout) -> tuple[float, float]:
@@ -103,13 +136,16 @@ class Task:
         check_names(cfg)
         self.cfg = cfg
         self.layout = Layout.from_cfg(cfg)
-        self.spec = QuerySpec.from_cfg(cfg)
+        self.spec, self.method = QuerySpec.from_cfg(cfg), Method.from_cfg(cfg)
         self.device = resolve_device(cfg.DEVICE)
         self.device_line = f"device: {describe_device(self.device)}"
         get_logger().info(self.device_line)
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-        self.grid = cfg.ENGINE.GRID and self.spec.stackable
-        if cfg.ENGINE.GRID and not self.spec.stackable:
+        self.grid = cfg.ENGINE.GRID and self.spec.stackable and self.method.frozen_path
+        if cfg.ENGINE.GRID and not self.method.frozen_path:
+            get_logger().info(f"MODEL.TRANSFER_TYPE {self.method.name} trains inside the backbone: the frozen-path "
+                              "cache and the stacked engine cannot serve it; training on the reference path")
+        elif cfg.ENGINE.GRID and not self.spec.stackable:
             get_logger().info("MODEL.H2T.QUERY_ATTENDS_QUERIES: the stacked engine packs runs into the token axis, "
                               "which needs queries that never attend to queries; training on the reference path")
         self.overwrite = overwrite
@@ -210,7 +246,7 @@ class Task:
                 record.finish(ckpt)
             return
         for r in todo:
-            model = VQT(self.backbone, self.spec, r.feat_ids)
+            model = VQT(self.backbone, self.spec, r.feat_ids, self.method)
             record = RunRecord(r, self.cfg, save_ckpt=save_ckpt)
             fit(model, r, recipe, data, record)
             record.finish(model.trained_state())
@@ -228,8 +264,8 @@ def _phase(task: Task, phase: str, stage: str = "") -> Iterator[None]:
         yield
 
 
-def _search(task: Task, cfg: CfgNode, arch_feats: str) -> None:
-    lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats)
+def _search(task: Task, cfg: CfgNode, arch_feats: str, grid: str) -> None:
+    lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats, grid or DEFAULT_GRID[cfg.MODEL.TRANSFER_TYPE])
     scale = cfg.DATA.BATCH_SIZE / 256
     runs = [Run(task.layout.run("search", lr * scale, wd, 1), lr * scale, wd, cfg.SEED) for lr in lrs for wd in wds]
     with _phase(task, "search"):
@@ -339,12 +375,15 @@ def resolve_cfg(cfg: CfgNode) -> CfgNode:
 
 
 def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | None = None,
-                 arch_feats: str = "", overwrite: bool = False) -> None:
+                 arch_feats: str = "", overwrite: bool = False, grid: str = "") -> None:
     """Search (unless `dont_search` or an lr/wd is given) then the 5 final runs; or one compression
     stage (`sparse_mode`). `overwrite`: retrain finished runs whose settings changed."""
     check_supported(cfg)
     if sparse_mode is not None and sparse_mode not in SPARSE_MODES:
         raise VQTError(f"--sparse-mode {sparse_mode!r} is not one of {SPARSE_MODES}")
+    if sparse_mode is not None and cfg.MODEL.TRANSFER_TYPE != "h2t-prompt":
+        raise VQTError(f"--sparse-mode compresses VQT's head (MODEL.TRANSFER_TYPE h2t-prompt), not "
+                       f"{cfg.MODEL.TRANSFER_TYPE}'s")
     setup_logging()
     counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
@@ -360,5 +399,5 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
         if cfg.MODEL.H2T.KEEP_FRAC != 1.0:
             raise VQTError("MODEL.H2T.KEEP_FRAC applies to --sparse-mode featselect only; leave it at 1.0")
         if not dont_search and cfg.SOLVER.BASE_LR is None:
-            _search(task, cfg, arch_feats)
+            _search(task, cfg, arch_feats, grid)
         _finals(task, cfg)
