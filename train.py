@@ -16,10 +16,12 @@ from src.utils.cli import HelpFormatter
 from src.utils.quiet import quiet_tensorflow
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+def parse_args(argv: list[str] | None = None, doc: str = __doc__) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config-file", default="", help="yaml config (e.g. configs/h2t-prompt/vtab.yaml)")
-    p.add_argument("--train-type", default="h2t-prompt", help="only h2t-prompt (VQT)")
+    p.add_argument("--train-type", default=None, help="sets SOLVER.SEARCH_GRID, the lr x wd grid searched: h2t-prompt "
+                   "(VQT's), linear, linear_mae, prompt, prompt_largerlr or finetune (tune_vtab.py's); default: "
+                   "MODEL.TRANSFER_TYPE's")
     p.add_argument("--optimizer", default=None, help="sets SOLVER.OPTIMIZER (adam or sgd; default: the config's)")
     p.add_argument("--dont_search", "--dont-search", action="store_true", help="skip the lr x wd search")
     p.add_argument("--arch_feats", "--arch-feats", default="",
@@ -35,25 +37,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, doc: str = __doc__) -> int:
+    """Parse the command line (`doc` is its help text) and run the protocol; the exit status."""
     quiet_tensorflow()
-    args = parse_args(argv)
+    args = parse_args(argv, doc)
     return run_cli(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.train_type != "h2t-prompt":
-        raise VQTError(f"--train-type {args.train_type!r}: only h2t-prompt (VQT) is implemented")
     flag = next((o for o in args.opts if o.startswith("--")), None)
     if flag:
         raise VQTError(f"option {flag.split('=')[0]} must come before the KEY VALUE overrides")
     opts = list(args.opts)
-    if args.optimizer is not None:
-        given = dict(zip(opts[0::2], opts[1::2])).get("SOLVER.OPTIMIZER", args.optimizer)
-        if given != args.optimizer:
-            raise VQTError(f"--optimizer {args.optimizer} but the overrides set SOLVER.OPTIMIZER {given}: "
-                           "drop one of them")
-        opts = ["SOLVER.OPTIMIZER", args.optimizer, *opts]
+    for flag, key, value in (("--optimizer", "SOLVER.OPTIMIZER", args.optimizer),
+                             ("--train-type", "SOLVER.SEARCH_GRID", args.train_type)):
+        if value is None:
+            continue
+        given = dict(zip(opts[0::2], opts[1::2])).get(key, value)
+        if given != value:
+            raise VQTError(f"{flag} {value} but the overrides set {key} {given}: drop one of them")
+        opts = [key, value, *opts]
     opts += [x for key, v in (("SOLVER.BASE_LR", args.lr), ("SOLVER.WEIGHT_DECAY", args.wd)) if v is not None
              for x in (key, repr(v))]
     cfg = load_cfg(args.config_file, opts)

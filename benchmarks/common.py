@@ -15,9 +15,10 @@ import torch
 from yacs.config import CfgNode
 
 from src.configs.defaults import load_cfg
+from src.configs.transfer import lr_wd_grid
 from src.configs.vit_configs import VIT_B16, ViTArch
 from src.data.loader import ImageSet
-from src.engine.protocol import FINAL_SEEDS, lr_wd_grid
+from src.engine.protocol import FINAL_SEEDS
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.engine.train import Engine, train_phase

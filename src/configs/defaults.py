@@ -37,7 +37,9 @@ _tag(SAME, "DEVICE", "auto")           # "auto" (cuda if available), "cpu", "cud
 _tag(SAME, "CUDNN_BENCHMARK", False)   # torch.backends.cudnn.benchmark on a GPU
 
 _C.MODEL = CfgNode()
-_C.MODEL.TRANSFER_TYPE = "h2t-prompt"  # only VQT ("h2t-prompt") is implemented
+# "h2t-prompt" (VQT) or a comparison (src/models/petl.py, README "Baselines"): linear, end2end, partial-1,
+# tinytl-bias, prompt, adapter, adaptformer, lora, vqt+prompt, vqt+adaptformer, vqt+lora
+_C.MODEL.TRANSFER_TYPE = "h2t-prompt"
 # "h2t-vit" (supervised ViT) or "h2t-ssl-vit" (MAE / MoCo-v3): must match DATA.FEATURE
 _C.MODEL.TYPE = "h2t-vit"
 _tag(SAME, "MODEL.MODEL_ROOT", "")     # folder holding the pre-trained checkpoints (see MODEL_ZOO)
@@ -68,10 +70,43 @@ _C.MODEL.H2T.EMBED_DROPOUT_IN_TRAIN = False
 # on the reference path; the stacked engine cannot express it).
 _C.MODEL.H2T.QUERY_ATTENDS_QUERIES = False
 
+# VPT's prompts (TRANSFER_TYPE prompt, vqt+prompt), the original's keys; only the values it runs are accepted.
+_C.MODEL.PROMPT = CfgNode()
+_C.MODEL.PROMPT.NUM_TOKENS = 5      # T prompt tokens per layer
+_C.MODEL.PROMPT.DEEP = False        # fresh prompts before every layer (VPT-deep) instead of before the first only
+_C.MODEL.PROMPT.DROPOUT = 0.0       # dropout on the (projected) prompts in training
+_C.MODEL.PROMPT.PROJECT = -1        # > -1: prompts of this width, projected to the ViT's width by a trained Linear
+_C.MODEL.PROMPT.LOCATION = "prepend"  # only "prepend" (after the CLS token), as the original asserts
+_C.MODEL.PROMPT.INITIATION = "random"  # only "random" (U(-v, v), v = sqrt(6 / (3 P^2 + width)))
+_C.MODEL.PROMPT.NUM_DEEP_LAYERS = None  # only None (every layer), as the original asserts
+_C.MODEL.PROMPT.DEEP_SHARED = False  # only False, as the original asserts
+_C.MODEL.PROMPT.VIT_POOL_TYPE = "original"  # only "original" (the backbone's own final feature)
+
+# VPT's adapter (TRANSFER_TYPE adapter): a bottleneck D -> D // REDUCATION_FACTOR on each MLP output.
+_C.MODEL.ADAPTER = CfgNode()
+_C.MODEL.ADAPTER.REDUCATION_FACTOR = 8  # (the original's spelling)
+_C.MODEL.ADAPTER.STYLE = "Pfeiffer"  # only "Pfeiffer", as the original
+_C.MODEL.ADAPTER.ZERO_INIT = False  # True: the original code's all-zero init, under which only Up's bias learns;
+                                    # False: weights N(0, 0.01^2), biases 0 (the adapter papers' near-identity init)
+
+# AdaptFormer (TRANSFER_TYPE adaptformer, vqt+adaptformer): SCALE * Up(dropout(ReLU(Down(x)))) beside each MLP.
+_C.MODEL.ADAPTFORMER = CfgNode()
+_C.MODEL.ADAPTFORMER.BOTTLENECK = 64
+_C.MODEL.ADAPTFORMER.SCALE = 0.1
+_C.MODEL.ADAPTFORMER.DROPOUT = 0.1
+
+# LoRA (TRANSFER_TYPE lora, vqt+lora): W + (ALPHA / RANK) B A on the query and value projections of every block.
+_C.MODEL.LORA = CfgNode()
+_C.MODEL.LORA.RANK = 8
+_C.MODEL.LORA.ALPHA = 8.0
+
 _C.SOLVER = CfgNode()
 _C.SOLVER.LOSS = "softmax"             # only softmax cross-entropy
 _C.SOLVER.OPTIMIZER = "sgd"            # "adam" (coupled L2 decay, as torch.optim.Adam) or "sgd"
 _C.SOLVER.MOMENTUM = 0.9               # SGD momentum
+# the lr x wd grid the search trains (--train-type): "" = MODEL.TRANSFER_TYPE's, or one of src/configs/transfer.py's
+# (h2t-prompt, linear, linear_mae, prompt, prompt_largerlr, finetune); the runs' own lr and wd enter their identity
+_tag(SAME, "SOLVER.SEARCH_GRID", "")
 # None: lr/wd from the search. Given (both, or --lr/--wd): no search, the runs use exactly this lr and
 # L2 decay (head bias never decayed)
 _tag(PER_RUN, "SOLVER.BASE_LR", None)

@@ -9,6 +9,7 @@ from numbers import Real
 
 from yacs.config import CfgNode
 
+from src.configs.transfer import GRID_NAMES, QUERY_METHODS, TRANSFER_TYPES
 from src.configs.vit_configs import DEFAULT_FEATURE, MODEL_ZOO, zoo_entry
 from src.data.tasks import get_task
 from src.errors import VQTError
@@ -35,11 +36,31 @@ RANGES: dict[str, tuple[bool, bool, Callable[[float], bool], str]] = {
     "DATA.NUM_WORKERS": (True, False, lambda v: v >= 0, ">= 0"),
     "ENGINE.FUSED_KV_GIB": (False, False, lambda v: v >= 0, ">= 0"),
     "ENGINE.EVAL_BATCH_SIZE": (True, False, lambda v: v >= 1, ">= 1"),
+    "MODEL.PROMPT.NUM_TOKENS": (True, False, lambda v: v >= 1, ">= 1"),
+    "MODEL.PROMPT.DROPOUT": (False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "MODEL.PROMPT.PROJECT": (True, False, lambda v: v == -1 or v >= 1, "-1 (none) or >= 1"),
+    "MODEL.ADAPTER.REDUCATION_FACTOR": (True, False, lambda v: v >= 1, ">= 1"),
+    "MODEL.ADAPTFORMER.BOTTLENECK": (True, False, lambda v: v >= 1, ">= 1"),
+    "MODEL.ADAPTFORMER.SCALE": (False, False, lambda v: v > 0, "> 0"),
+    "MODEL.ADAPTFORMER.DROPOUT": (False, False, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "MODEL.LORA.RANK": (True, False, lambda v: v >= 1, ">= 1"),
+    "MODEL.LORA.ALPHA": (False, False, lambda v: v > 0, "> 0"),
 }
+# The MODEL.H2T keys only a transfer type with query tokens reads, and the method nodes each type reads.
+QUERY_KEYS = ("NUM_QUERY_TOKENS", "DROPOUT", "NORMALIZE_FEATS", "POOLING_FEATS", "WEIGHTED_SUM_FEATS",
+              "EMBED_DROPOUT_IN_TRAIN", "QUERY_ATTENDS_QUERIES")
+METHOD_NODES = {"PROMPT": "prompt", "ADAPTER": "adapter", "ADAPTFORMER": "adaptformer", "LORA": "lora"}
 
 # key -> (allowed values, why the others are not)
 CHOICES: dict[str, tuple[tuple, str]] = {
-    "MODEL.TRANSFER_TYPE": (("h2t-prompt",), "only VQT is implemented"),
+    "MODEL.TRANSFER_TYPE": (TRANSFER_TYPES, "VQT or a comparison, README \"Baselines\""),
+    "SOLVER.SEARCH_GRID": (("", *GRID_NAMES), "the original code's grids, src/configs/transfer.py"),
+    "MODEL.PROMPT.LOCATION": (("prepend",), "the original code asserts it"),
+    "MODEL.PROMPT.INITIATION": (("random",), "the original code asserts it"),
+    "MODEL.PROMPT.NUM_DEEP_LAYERS": ((None,), "the original code asserts it"),
+    "MODEL.PROMPT.DEEP_SHARED": ((False,), "the original code asserts it"),
+    "MODEL.PROMPT.VIT_POOL_TYPE": (("original",), "the original code asserts it"),
+    "MODEL.ADAPTER.STYLE": (("Pfeiffer",), "the original code runs no other"),
     "MODEL.TYPE": (("h2t-vit", "h2t-ssl-vit"), "a supervised or a self-supervised ViT"),
     "MODEL.MLP_NUM": ((0,), "only a linear head is implemented"),
     "SOLVER.LOSS": (("softmax",), "only softmax cross-entropy is implemented"),
@@ -128,6 +149,26 @@ def _combination_problems(cfg: CfgNode, sparse_mode: str | None) -> list[str]:
     return [message for message, bad in problems.items() if bad]
 
 
+def _method_problems(cfg: CfgNode, sparse_mode: str | None) -> list[str]:
+    """A transfer type's settings that it would ignore: another method's keys, query keys without queries."""
+    from src.configs.defaults import get_cfg  # defaults imports this module (type_problem)
+
+    name, m, default = cfg.MODEL.TRANSFER_TYPE, cfg.MODEL, get_cfg().MODEL
+    base, queries = name.removeprefix("vqt+"), name in QUERY_METHODS
+    out = [f"MODEL.{node}.{key} is set but MODEL.TRANSFER_TYPE {name} does not use it: drop it, or use a "
+           f"TRANSFER_TYPE that does ({reader}{', vqt+' + reader if reader != 'adapter' else ''})"
+           for node, reader in METHOD_NODES.items() if base != reader
+           for key, value in m[node].items() if value != default[node][key]]
+    out += [f"MODEL.H2T.{key} is set but MODEL.TRANSFER_TYPE {name} has no query tokens: drop it, or use "
+            "h2t-prompt or a vqt+ type" for key in QUERY_KEYS if not queries and m.H2T[key] != default.H2T[key]]
+    if cfg.ENGINE.CACHE == "on" and base not in ("h2t-prompt", "linear"):
+        out.append(f"ENGINE.CACHE on: MODEL.TRANSFER_TYPE {name} trains inside the backbone, whose path then cannot "
+                   "be cached; use ENGINE.CACHE auto or off")
+    if sparse_mode is not None and name != "h2t-prompt":
+        out.append(f"--sparse-mode compresses VQT's head (MODEL.TRANSFER_TYPE h2t-prompt), not {name}'s")
+    return out
+
+
 def _check_names(cfg: CfgNode) -> None:
     """The VTAB task of DATA.NAME and its class count; the zoo backbone of DATA.FEATURE and its MODEL.TYPE."""
     if cfg.DATA.SOURCE != "folder":
@@ -148,7 +189,7 @@ def validate(cfg: CfgNode, sparse_mode: str | None = None) -> None:
     problems = _value_problems(cfg)
     if problems:
         raise VQTError(f"{problems[0]}: {FIX}")
-    problems = _combination_problems(cfg, sparse_mode)
+    problems = _combination_problems(cfg, sparse_mode) + _method_problems(cfg, sparse_mode)
     if problems:
         raise VQTError(problems[0])
     _check_names(cfg)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from src.configs.transfer import DEFAULT_GRID, lr_wd_grid
 from src.configs.validate import validate
 from src.configs.vit_configs import MODEL_ZOO
 from src.data.folder import check_folder_classes, scan, write_classes
@@ -26,6 +27,7 @@ from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.engine.train import Engine, train_phase
 from src.errors import VQTError
 from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
+from src.models.petl import Method
 from src.models.timm_backbone import check_timm_name
 from src.models.vqt import HEAD_B, HEAD_W, QuerySpec
 from src.utils.cli import check_can_create
@@ -36,20 +38,6 @@ from src.utils.logging import environment, get_logger, setup_logging, task_log
 FINAL_SEEDS = (42, 44, 82, 100, 800)
 # Keys a sparsity stage sets for itself: the runs it starts from are checked on every other setting.
 STAGE_KEYS = ("MODEL.H2T.LRP_COEF", "MODEL.H2T.KEEP_FRAC")
-LARGE_ARCH_FEATS = ("sup_vitl16_imagenet21k", "sup_vith14_imagenet21k")
-
-
-def lr_wd_grid(optimizer: str, arch_feats: str = "") -> tuple[list[float], list[float]]:
-    """The original's search grids (lr before batch scaling), each sorted descending."""
-    if optimizer == "sgd":
-        lrs, wds = [5.0, 2.5, 1.0, 50.0, 25.0, 10.0, 0.5, 0.25, 0.1, 0.05], [0.01, 0.001, 0.0001, 0.0]
-    elif optimizer == "adam" and arch_feats in LARGE_ARCH_FEATS:
-        lrs, wds = [0.5, 0.1, 0.05], [0.01, 0.0001, 0.0]
-    elif optimizer == "adam":
-        lrs, wds = [1.0, 0.5, 0.25, 0.1, 0.05], [0.01, 0.001, 0.0001, 0.0]
-    else:
-        raise VQTError(f"no search grid for SOLVER.OPTIMIZER {optimizer!r}; use adam or sgd")
-    return sorted(lrs, reverse=True), sorted(wds, reverse=True)
 
 
 def find_best_lrwd(layout: Layout, grid: list[Run]) -> tuple[float, float]:
@@ -95,13 +83,16 @@ class Task:
     def __init__(self, cfg: CfgNode, overwrite: bool = False):
         self.cfg = cfg
         self.layout = Layout.from_cfg(cfg)
-        self.spec = QuerySpec.from_cfg(cfg)
+        self.spec, self.method = QuerySpec.from_cfg(cfg), Method.from_cfg(cfg)
         self.device = resolve_device(cfg.DEVICE)
         self.device_line = f"device: {describe_device(self.device)}"
         get_logger().info(self.device_line)
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-        self.grid = cfg.ENGINE.GRID and self.spec.stackable
-        if cfg.ENGINE.GRID and not self.spec.stackable:
+        self.grid = cfg.ENGINE.GRID and self.spec.stackable and self.method.frozen_path
+        if cfg.ENGINE.GRID and not self.method.frozen_path:
+            get_logger().info(f"MODEL.TRANSFER_TYPE {self.method.name} trains inside the backbone: the frozen-path "
+                              "cache and the stacked engine cannot serve it; training on the reference path")
+        elif cfg.ENGINE.GRID and not self.spec.stackable:
             get_logger().info("MODEL.H2T.QUERY_ATTENDS_QUERIES: the stacked engine packs runs into the token axis, "
                               "which needs queries that never attend to queries; training on the reference path")
         self.overwrite = overwrite
@@ -235,7 +226,7 @@ class Task:
         spec the stack cannot express)."""
         if self.grid:
             return Engine.stacked(self.spec, self.frozen, self.cfg.ENGINE.FUSED_KV_GIB)
-        return Engine.reference(self.spec, self.backbone)
+        return Engine.reference(self.spec, self.backbone, self.method)
 
     def close(self) -> None:
         if self._frozen is not None:
@@ -253,9 +244,11 @@ def _phase(task: Task, phase: str, stage: str = "") -> Iterator[None]:
 
 
 def search_grid(task: Task, cfg: CfgNode, arch_feats: str = "", as_parent: bool = False) -> list[Run]:
-    """The search runs of the current setting (lr scaled by DATA.BATCH_SIZE / 256), identities set
-    (`as_parent`: as a sparsity stage sees them, see `Task.identify`)."""
-    lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats)
+    """The search runs of the current setting: SOLVER.SEARCH_GRID's grid (default: MODEL.TRANSFER_TYPE's), lr
+    scaled by DATA.BATCH_SIZE / 256, identities set (`as_parent`: as a sparsity stage sees them, see
+    `Task.identify`)."""
+    grid = cfg.SOLVER.SEARCH_GRID or DEFAULT_GRID[cfg.MODEL.TRANSFER_TYPE]
+    lrs, wds = lr_wd_grid(cfg.SOLVER.OPTIMIZER, arch_feats, grid)
     scale = cfg.DATA.BATCH_SIZE / 256
     runs = [Run(task.layout.run("search", lr * scale, wd, 1), lr * scale, wd, cfg.SEED) for lr in lrs for wd in wds]
     for r in runs:

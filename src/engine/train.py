@@ -13,6 +13,7 @@ from src.engine.frozen import FrozenFeatures
 from src.engine.grid import fit_grid
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, TaskData
+from src.models.petl import VQT_METHOD, Method
 from src.models.vit import VisionTransformer
 from src.models.vqt import VQT, QuerySpec
 from src.utils.heap import retain_freed_memory
@@ -21,13 +22,14 @@ from src.utils.heap import retain_freed_memory
 @dataclass(frozen=True)
 class Engine:
     """Where a phase's runs train: the stacked engine on `frozen`'s outputs (`grid`), or the reference
-    loop, one `VQT` on `backbone` at a time. `fused_kv_gib` caps the keys/values of one stacked batch
-    (ENGINE.FUSED_KV_GIB)."""
+    loop, one `VQT` on `backbone` (adapted by `method`) at a time. `fused_kv_gib` caps the keys/values of one
+    stacked batch (ENGINE.FUSED_KV_GIB)."""
 
     spec: QuerySpec
     backbone: VisionTransformer
     frozen: FrozenFeatures | None = None
     fused_kv_gib: float = 10.0
+    method: Method = VQT_METHOD
 
     @property
     def grid(self) -> bool:
@@ -38,8 +40,8 @@ class Engine:
         return cls(spec, frozen.backbone, frozen, fused_kv_gib)
 
     @classmethod
-    def reference(cls, spec: QuerySpec, backbone: VisionTransformer) -> Engine:
-        return cls(spec, backbone)
+    def reference(cls, spec: QuerySpec, backbone: VisionTransformer, method: Method = VQT_METHOD) -> Engine:
+        return cls(spec, backbone, method=method)
 
 
 def train_phase(jobs: list[tuple[Run, RunRecord]], recipe: Recipe, data: TaskData, engine: Engine,
@@ -54,7 +56,7 @@ def train_phase(jobs: list[tuple[Run, RunRecord]], recipe: Recipe, data: TaskDat
             record.finish(ckpt)
         return
     for run, record in jobs:
-        model = VQT(engine.backbone, engine.spec, run.feat_ids)
+        model = VQT(engine.backbone, engine.spec, run.feat_ids, engine.method)
         with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
             torch.manual_seed(run.seed)  # the dropout masks' stream (the caller's RNG state is untouched)
             fit(model, run, recipe, data, record, on_epoch)

@@ -56,6 +56,7 @@ class Block(nn.Module):
                               f"supported: {SUPPORTED}")
         self.norm1, self.attn, self.ls1 = blk.norm1, attn, blk.ls1
         self.norm2, self.mlp, self.ls2 = blk.norm2, blk.mlp, blk.ls2
+        self.adapter: nn.Module | None = None  # a parallel branch on the MLP's input (AdaptFormer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block on tokens (B, N, D), as timm's."""
@@ -72,7 +73,8 @@ class Block(nn.Module):
         """Residual attention output (heads (B, H, N, hd) merged, scale norm, proj, LayerScale) + MLP."""
         b, h, n, hd = o.shape
         x = x + self.ls1(self.attn.proj(self.attn.norm(o.transpose(1, 2).reshape(b, n, h * hd))))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        out = x + self.ls2(self.mlp(self.norm2(x)))
+        return out if self.adapter is None else out + self.adapter(x)
 
     def _self_attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention heads (B, H, N, hd) of normed tokens `h` over themselves, and their keys and values in

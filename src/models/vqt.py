@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models.petl import VQT_METHOD, Method, adapt, reset_adaptation
 from src.models.vit import VisionTransformer
 
 HEAD_BIAS = -math.log((1 - 0.01) / 0.01)  # the original's "special bias" (prior 0.01) for every class
@@ -40,7 +41,11 @@ class QuerySpec:
 
     @classmethod
     def from_cfg(cls, cfg) -> QuerySpec:
+        """MODEL.H2T's queries; a method without query tokens (VPT's types, AdaptFormer, LoRA) has Q = 0 and a
+        linear head on the unnormalised final feature."""
         h2t = cfg.MODEL.H2T
+        if not Method.from_cfg(cfg).queries:
+            return cls(0, cfg.DATA.NUMBER_CLASSES, normalize=False)
         return cls(h2t.NUM_QUERY_TOKENS, cfg.DATA.NUMBER_CLASSES, h2t.DROPOUT, h2t.NORMALIZE_FEATS,
                    h2t.POOLING_FEATS, h2t.WEIGHTED_SUM_FEATS, h2t.QUERY_ATTENDS_QUERIES)
 
@@ -78,12 +83,16 @@ class VQT(nn.Module):
     (`pooling`) or summed with learned weights (`weighted_sum`). The head input is [final feature,
     block 1, ..., block L], each block L2-normalised (`normalize`), optionally reduced to the
     features `feat_ids` (featselect). Only the query tokens, the weights and the head train.
+
+    `method` adapts a copy of the backbone first (src.models.petl: prompts entering before each block,
+    adapters or LoRA inside the blocks); its tensors then train too, and the queries read the adapted layers.
     """
 
-    def __init__(self, backbone: VisionTransformer, spec: QuerySpec, feat_ids: torch.Tensor | None = None):
+    def __init__(self, backbone: VisionTransformer, spec: QuerySpec, feat_ids: torch.Tensor | None = None,
+                 method: Method = VQT_METHOD):
         super().__init__()
-        self.backbone = backbone.requires_grad_(False)
-        self.spec = spec
+        self.backbone, self.prompts = adapt(backbone.requires_grad_(False), method)
+        self.spec, self.method = spec, method
         depth, dim, q = backbone.depth, backbone.embed_dim, spec.num_queries
         self.query_tokens = nn.Parameter(torch.zeros(depth, q, dim)) if q else None
         self.query_dropout = nn.Dropout(spec.dropout)
@@ -104,6 +113,7 @@ class VQT(nn.Module):
         self.head.last_layer.bias.fill_(HEAD_BIAS)
         if self.combine is not None:
             self.combine.fill_(1.0)
+        reset_adaptation(self.backbone, self.prompts, generator)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -116,6 +126,8 @@ class VQT(nn.Module):
             self.query_dropout(self.query_tokens.expand(len(x), -1, -1, -1))
         outs = []
         for i, blk in enumerate(bb.blocks):
+            if self.prompts is not None:
+                x = self.prompts(x, i)
             x, k, v = blk.forward_kv(x)
             if queries is not None:
                 outs.append(blk.query(queries[:, i], k, v, own=self.spec.attend_queries))
@@ -137,8 +149,11 @@ class VQT(nn.Module):
         return feats if self.feat_ids is None else feats[:, self.feat_ids]
 
     def named_trained(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors under the original's checkpoint names."""
+        """The trainable tensors under the original's checkpoint names (an adapted backbone's under `enc.`)."""
         named = {HEAD_W: self.head.last_layer.weight, HEAD_B: self.head.last_layer.bias}
+        named |= {f"enc.{n}": p for n, p in self.backbone.named_parameters() if p.requires_grad}
+        if self.prompts is not None:
+            named |= {f"enc.prompts.{n}": p for n, p in self.prompts.named_parameters()}
         if self.query_tokens is not None:
             named[QUERY_KEY] = self.query_tokens
         if self.combine is not None:

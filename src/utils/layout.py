@@ -58,9 +58,10 @@ def parse_hp_name(name: str) -> tuple[float, float, int] | None:
     return (float(m.group(1)), float(m.group(2)), int(m.group(3))) if m else None
 
 
-def setting_name(q: int, optimizer: str) -> str:
-    """The launchers' OUTPUT_DIR name under EXP_ROOT for Q query tokens and an optimizer: VQTSup_{Q}_{opt}."""
-    return f"VQTSup_{q}_{optimizer}"
+def setting_name(q: int, optimizer: str, baseline: str = "") -> str:
+    """The launchers' OUTPUT_DIR name under EXP_ROOT: VQTSup_{Q}_{opt} for VQT with Q query tokens, or
+    {baseline}_{opt} for a baseline as scripts/VPT/run_vpt_vtab.sh names it (linear, prompt-deep10, vqt1+lora)."""
+    return f"{baseline}_{optimizer}" if baseline else f"VQTSup_{q}_{optimizer}"
 
 
 def stage_name(sparse_mode: str, keep_frac: float) -> str:
