@@ -36,17 +36,17 @@ def make_assets(dest: str, tasks: list[str]) -> None:
     from src.configs.vit_configs import MODEL_ZOO
     from src.data.synthetic import write_fake_tfds
     from src.models.checkpoints import write_random_npz
-    from src.utils.layout import use_scratch
+    from src.utils.layout import scratch
 
-    use_scratch(dest)  # TFDS's temporary folders: removed at exit, or by the next call if this one is killed
     entry = MODEL_ZOO[DEMO_FEATURE]
     weights = os.path.join(dest, "pre-trained_weights", entry.file)
     if not os.path.exists(weights):
         os.makedirs(os.path.dirname(weights), exist_ok=True)
         write_random_npz(weights, entry.arch, img_size=DEMO_IMG_SIZE, seed=0)
     print(f"demo backbone: {weights}")
-    for name in tasks:
-        print(f"demo data: {name} -> {write_fake_tfds(name, os.path.join(dest, 'vtab_data'), learnable=True)}")
+    with scratch(dest):  # TFDS's temporary folders: removed after, or by the next call if this one is killed
+        for name in tasks:
+            print(f"demo data: {name} -> {write_fake_tfds(name, os.path.join(dest, 'vtab_data'), learnable=True)}")
 
 
 if __name__ == "__main__":

@@ -75,12 +75,13 @@ def test_bad_yaml(work, capsys, text, pattern):
 
 
 @pytest.mark.parametrize("opts, pattern", [
-    (("DATA.SOURCE", "Folder"), r"DATA.SOURCE 'Folder' is not one of tfds, imagefolder, folder"),
+    (("DATA.SOURCE", "Folder"), r"DATA.SOURCE 'Folder' is not one of 'tfds', 'imagefolder', 'folder'"),
     (("DATA.NAME", "../escape"), r"DATA.NAME '\.\./escape' must be one folder name"),
     (("DATA.NAME", "/tmp/abs"), r"DATA.NAME '/tmp/abs' must be one folder name"),
     (("OUTPUT_DIR", ""), r"OUTPUT_DIR is empty"),
     (("OUTPUT_DIR", "a_file/out"), r"OUTPUT_DIR a_file/out: .*a_file is a file, not a folder"),
-    (("MODEL.TIMM_NAME", "swin_tiny_patch4_window7_224.ms_in1k"), r"MODEL.TIMM_NAME swin.*SwinTransformer"),
+    (("MODEL.TIMM_NAME", "swin_tiny_patch4_window7_224.ms_in1k", "DATA.FEATURE", "sup_vitb16_224"),
+     r"MODEL.TIMM_NAME swin.*SwinTransformer"),
     (("MODEL.WEIGHT_PATH", "nowhere.npz"), r"checkpoint nowhere.npz not found"),
 ])
 def test_bad_settings_create_nothing(inputs, work, capsys, opts, pattern):
@@ -114,8 +115,8 @@ def run_dir(inputs, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("damage, pattern", [
-    ("empty", r"cannot read .*last_model.pth \(\w+\): empty, truncated"),
-    ("truncated", r"cannot read .*last_model.pth \(\w+\): empty, truncated"),
+    ("empty", r"run1 is broken \(last_model.pth differs from what DONE recorded \(0 bytes"),
+    ("truncated", r"run1 is broken \(last_model.pth differs from what DONE recorded \(200 bytes"),
     ("config", r"config file .*config.yaml is not valid YAML"),
 ])
 def test_damaged_run_folder(run_dir, inputs, tmp_path, capsys, damage, pattern):

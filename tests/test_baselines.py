@@ -70,7 +70,7 @@ def test_a_changed_method_key_is_named_and_a_foreign_one_refused(assets, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[-1]] and "MODEL.LORA.RANK is set but MODEL.TRANSFER_TYPE adaptformer does not use it" in err[-1]
     assert train.main(_args(assets, out, {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.PROMPT.LOCATION": "below"})) == 2
-    assert "MODEL.PROMPT.LOCATION 'below': only 'prepend'" in capsys.readouterr().err
+    assert "MODEL.PROMPT.LOCATION 'below' is not one of 'prepend'" in capsys.readouterr().err
 
 
 def test_launcher_runs_a_prompt_baseline_and_rejects_unknown_types(assets, tmp_path):

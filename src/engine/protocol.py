@@ -32,7 +32,7 @@ from src.models.timm_backbone import check_timm_name
 from src.models.vqt import HEAD_B, HEAD_W, QuerySpec
 from src.utils.cli import check_can_create
 from src.utils.device import describe_device, resolve_device
-from src.utils.layout import PHASES, Layout, RunState, TaskLock, remove_dead_temps, stage_name, use_scratch
+from src.utils.layout import PHASES, Layout, RunState, TaskLock, remove_dead_temps, scratch, stage_name
 from src.utils.logging import environment, get_logger, setup_logging, task_log
 
 FINAL_SEEDS = (42, 44, 82, 100, 800)
@@ -391,16 +391,17 @@ def run_protocol(cfg: CfgNode, *, dont_search: bool = False, sparse_mode: str | 
         ("search", "final")
     get_logger().info(f"results go to {', '.join(os.path.abspath(cfg.OUTPUT_DIR) + PHASES[p] for p in phases)} "
                       f"(OUTPUT_DIR {cfg.OUTPUT_DIR})")
-    use_scratch(Layout.from_cfg(cfg).cache_dir())
-    counts = check_task_data(cfg)
     cfg = resolve_cfg(cfg)
-    if cfg.DATA.SOURCE != "folder":  # a folder dataset's images per folder are logged as it is scanned
-        get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + " examples")
     task = Task(cfg, overwrite)
     _ = task.backbone  # a missing or wrong weight file stops here, before anything is written
-    if cfg.DATA.SOURCE == "folder":  # class names for predict.py / scripts/export.py
-        write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"), scan(cfg.DATA.DATAPATH).classes)
-    with contextlib.closing(task):
+    with scratch(task.layout.cache_dir()), contextlib.closing(task):
+        counts = check_task_data(cfg)
+        if cfg.DATA.SOURCE != "folder":  # a folder dataset's images per folder are logged as it is scanned
+            get_logger().info(f"{cfg.DATA.NAME}: " + ", ".join(f"{split} {n}" for split, n in counts.items())
+                              + " examples")
+        if cfg.DATA.SOURCE == "folder":  # class names for predict.py / scripts/export.py
+            write_classes(task.layout.task_dir("final" if sparse_mode is None else "sparse"),
+                          scan(cfg.DATA.DATAPATH).classes)
         if sparse_mode is not None:
             sparse_stage(task, cfg, sparse_mode, arch_feats)
             return

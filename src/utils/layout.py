@@ -14,7 +14,6 @@ state (protocol and collector alike); `RunDir.clear` is the one, crash-safe, way
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import enum
 import fcntl
@@ -27,6 +26,7 @@ import shutil
 import tempfile
 import time
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -89,9 +89,11 @@ def phase_lock(phase_root: str, data_name: str, feature: str, name: str) -> Task
     return TaskLock(os.path.join(meta_dir(phase_root, data_name, feature), f"{name}.lock"))
 
 
-def use_scratch(folder: str) -> str:
-    """Make `folder`/tmp<pid> this process's temporary folder (tempfile and TMPDIR: TensorFlow's autograph
-    and TFDS's temporary files land there), after removing those of dead processes; removed at exit."""
+@contextlib.contextmanager
+def scratch(folder: str) -> Iterator[str]:
+    """`folder`/tmp<pid> as this process's temporary folder while the block runs (tempfile and TMPDIR: TensorFlow's
+    autograph and TFDS's temporary files land there), after removing those of dead processes. Removed after the
+    block, and `folder` with it when that leaves it empty; a killed process's is removed by the next call."""
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             if (m := _SCRATCH.match(name)) and not pid_alive(int(m.group(1))):
@@ -101,9 +103,19 @@ def use_scratch(folder: str) -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise _write_failed(path, e) from None
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
     tempfile.tempdir = os.environ["TMPDIR"] = path
-    atexit.register(shutil.rmtree, path, True)
-    return path
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = saved[0]
+        if saved[1] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[1]
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def read_pick(phase_root: str, data_name: str, feature: str) -> dict | None:
