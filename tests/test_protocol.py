@@ -214,8 +214,9 @@ def test_every_config_key_is_read_or_rejects(assets, tmp_path, monkeypatch, caps
     monkeypatch.setattr(CfgNode, "__getattr__", tracking)
     out = str(tmp_path / "VQTSup_2_adam")
     assert train.main(_args(assets, out, over=["SOLVER.TOTAL_EPOCH", "2"])) == 0
-    assert train.main(_args(assets, out, "--sparse-mode", "compress", over=["MODEL.H2T.LRP_COEF", "0.0001"])) == 0
-    assert train.main(_args(assets, out, "--sparse-mode", "featselect", over=["MODEL.H2T.KEEP_FRAC", "0.5"])) == 0
+    epochs = ["SOLVER.TOTAL_EPOCH", "2"]  # the finals' setting: a stage starts only from finals of its own setting
+    assert train.main(_args(assets, out, "--sparse-mode", "compress", over=[*epochs, "MODEL.H2T.LRP_COEF", "0.0001"])) == 0
+    assert train.main(_args(assets, out, "--sparse-mode", "featselect", over=[*epochs, "MODEL.H2T.KEEP_FRAC", "0.5"])) == 0
     monkeypatch.undo()
     leaves = set(_leaves(get_cfg()))
     assert leaves - used == set(REJECTING)
