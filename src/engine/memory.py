@@ -1,8 +1,9 @@
-"""What a phase's training holds on its device, estimated before it starts: a lower bound, so a phase
-is refused only when it cannot fit (MODEL.H2T.NUM_QUERY_TOKENS 10000 would otherwise die minutes later
-of an out-of-memory traceback)."""
+"""Memory of training: what a phase holds on its device, estimated before it starts (a lower bound, so a
+phase is refused only when it cannot fit: MODEL.H2T.NUM_QUERY_TOKENS 10000 would otherwise die minutes later
+of an out-of-memory traceback), and the peak a run reached, measured as it trains (`reset_peak`, `peak`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -59,3 +60,34 @@ def check_training_memory(spec: QuerySpec, backbone: VisionTransformer, seeds: l
         knobs += f", or set ENGINE.CACHE_LOCATION cpu (the frozen-path cache holds {cache / GIB:.1f} GiB there)"
     raise VQTError(f"training {len(seeds)} run(s) at once needs at least {sum(need.values()) / GIB:.1f} GiB ({parts}) "
                    f"but {room / GIB:.1f} GiB {what}: {knobs}")
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def reset_peak() -> None:
+    """Start measuring a new peak: CUDA's allocator statistics when CUDA is in use, else the process's
+    resident-set high-water mark (Linux, /proc/self/clear_refs)."""
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak() -> tuple[int, str]:
+    """Peak bytes since `reset_peak` and what they measure (0 where this platform cannot tell)."""
+    if _cuda():
+        return torch.cuda.max_memory_allocated(), "CUDA max_memory_allocated"
+    return proc_status("VmHWM"), "peak resident set of the process (VmHWM)"
+
+
+def proc_status(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (`VmRSS`, `VmHWM`) in bytes; 0 if unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from src.engine.memory import peak, reset_peak
 from src.engine.metrics import classification_metrics
 from src.engine.runs import Run
+from src.models.vqt import HEAD_B, HEAD_W
 from src.utils.layout import atomic_save
 from src.utils.logging import DATEFMT, get_logger
 
@@ -33,6 +35,8 @@ class RunRecord:
         self.diverged = ""
         self.val: tuple[np.ndarray, np.ndarray] | None = None
         self.write = write
+        self.usage: dict = {}  # trainable parameters, seconds per epoch, peak memory: logged and kept in DONE
+        self._epoch_times: list[float] = []
         self._log = self._tb = None
         if not write:
             return
@@ -55,13 +59,19 @@ class RunRecord:
         self._log.flush()
 
     def trainable(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Log the trained tensors (SOLVER.DBG_TRAINABLE)."""
-        if not self.log_trainable:
-            return
-        for name, shape in shapes.items():
-            self.log(f"Trainable: {name} {shape}, {int(np.prod(shape))}")
+        """Count the trained tensors (with and without the head); log each with SOLVER.DBG_TRAINABLE."""
+        sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+        total, head = sum(sizes.values()), sum(v for k, v in sizes.items() if k in (HEAD_W, HEAD_B))
+        self.usage |= {"trainable_params": total, "trainable_params_without_head": total - head}
+        self.log(f"trainable parameters: {total} ({total - head} without the head)")
+        if self.log_trainable:
+            for name, shape in shapes.items():
+                self.log(f"Trainable: {name} {shape}, {sizes[name]}")
 
     def epoch_start(self, epoch: int, epochs: int, lr: float) -> None:
+        if epoch == 0:
+            reset_peak()
+        self._epoch_start = time.perf_counter()
         self.log(f"Training {epoch + 1} / {epochs} epoch, with learning rate {lr}")
 
     def step(self, step: int, steps: int, loss: float) -> None:
@@ -70,6 +80,7 @@ class RunRecord:
     def epoch_end(self, epoch: int, epochs: int, train_loss: float, lr: float, logits: np.ndarray,
                   targets: np.ndarray) -> None:
         """Record the epoch's val metrics (and keep the logits: the last epoch's are saved)."""
+        self._epoch_times.append(time.perf_counter() - self._epoch_start)
         metrics = classification_metrics(logits, targets)
         self.results[f"epoch_{epoch}"] = {"classification": {self.val_name: metrics}}
         self.val = (logits, targets)
@@ -100,6 +111,7 @@ class RunRecord:
         run diverged), then DONE (which vouches for them and names the runs it started from)."""
         if not self.write:
             return
+        self._measure()
         d = self.run.dir
         atomic_save(self.results, d.results_file)
         if self.save_ckpt and not self.diverged and checkpoint is not None:
@@ -110,7 +122,15 @@ class RunRecord:
             self._tb.close()
         self._log.close()
         d.finish("diverged" if self.diverged else "ok", self.diverged, len(self.results), self.run.identity or {},
-                 self.run.parents)
+                 self.run.parents, self.usage)
+
+    def _measure(self) -> None:
+        """Time per epoch (training and validation) and the peak memory since the first epoch, logged once and
+        kept in `usage` (runs a stacked phase trains together share both figures)."""
+        nbytes, what = peak()
+        per_epoch = sum(self._epoch_times) / max(len(self._epoch_times), 1)
+        self.usage |= {"seconds_per_epoch": per_epoch, "peak_memory_bytes": nbytes, "peak_memory": what}
+        self.log(f"{per_epoch:.2f} s per epoch; peak memory {nbytes / 2 ** 30:.3f} GiB ({what})")
 
 
 def _save_logits(logits: np.ndarray, targets: np.ndarray, path: str) -> None:

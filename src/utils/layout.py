@@ -416,14 +416,16 @@ class RunDir:
         except OSError as e:
             raise _write_failed(self.file(STARTED), e) from None
 
-    def finish(self, status: str, message: str, epochs: int, identity: dict, parents: list[RunDir] = ()) -> None:
+    def finish(self, status: str, message: str, epochs: int, identity: dict, parents: list[RunDir] = (),
+               usage: dict | None = None) -> None:
         """Write DONE (last): status, message, epochs, the run's identity, size and hash of each result file it
-        vouches for, and the fingerprints of the runs it started from."""
+        vouches for, the fingerprints of the runs it started from, and what training used (`usage`: trainable
+        parameters, seconds per epoch, peak memory)."""
         files = {n: file_check(self.file(n)) for n in sorted(_listdir(self.path))
                  if n == "eval_results.pth" or n == "last_model.pth" or n.endswith("_logits.pth")}
         rec = {"status": status, "message": message, "epochs": epochs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                **identity, "files": files,
-               "parents": {os.path.relpath(p.path, self.path): p.fingerprint() for p in parents}}
+               "parents": {os.path.relpath(p.path, self.path): p.fingerprint() for p in parents}, **(usage or {})}
         atomic_write_text(json.dumps(rec) + "\n", self.file(DONE))
 
 
