@@ -53,6 +53,7 @@ TASK_SETTINGS: dict[str, str] = {t.name: demo_setting(t) for t in TASKS.values()
 DEFAULT_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(TASK_SETTINGS.values()))
 DEFAULT_RUNS = 5
 COUNTED = ("ok", "external")  # run statuses whose test top-1 enters the table
+USAGE = ("trainable_params", "trainable_params_without_head", "seconds_per_epoch", "peak_memory_bytes")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Run:
     top1: float | None = None  # test top-1 in %
     epochs: int | None = None
     detail: str = ""
+    usage: dict = field(default_factory=dict)  # DONE's trainable parameters, seconds per epoch, peak memory
 
 
 @dataclass
@@ -122,7 +124,8 @@ def read_run(run_dir: Path, k: int, name: str, lock: TaskLock | None = None) -> 
     except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
         why = f"{Path(run.results_file).name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
         return Run(k, "unreadable", detail=why)
-    return Run(k, STATUS[state], top1 * 100, epochs, _detail(run, state))
+    usage = {key: value for key, value in (run.record or {}).items() if key in USAGE}
+    return Run(k, STATUS[state], top1 * 100, epochs, _detail(run, state), usage)
 
 
 def _detail(run: RunDir, state: RunState) -> str:
@@ -337,6 +340,83 @@ def write_plot(report: Report, tasks: list[VTABTask], path: Path, feature: str) 
     plt.close(fig)
 
 
+@dataclass
+class MethodRow:
+    """One setting folder (a method: VQTSup_1_adam_final, prompt-deep10_adam_final, ...) over the tasks: per-task
+    mean test top-1, the group means and the plain mean, and what training used (means over its counted runs)."""
+
+    setting: str
+    cells: dict[str, Cell | None]
+    usage: dict[str, float]
+
+
+def method_rows(root: Path, feature: str, tasks: list[VTABTask], n_runs: int) -> list[MethodRow]:
+    """A row for every setting folder under `root` holding final or sparsity runs of `feature`."""
+    if not root.is_dir():
+        raise VQTError(f"experiment root {root} does not exist: run the launchers first, or pass --root")
+    rows = []
+    for setting in sorted(p.name for p in root.iterdir() if p.name.endswith((PHASES["final"], PHASES["sparse"]))):
+        cells = {t.name: collect_cell(root, setting, t, feature, n_runs) for t in tasks}
+        counted = [r.usage for c in cells.values() if c for r in c.runs if r.status in COUNTED]
+        usage = {key: float(np.mean(values)) for key in USAGE if (values := [u[key] for u in counted if key in u])}
+        if any(c and c.values for c in cells.values()):
+            rows.append(MethodRow(setting, cells, usage))
+    if not rows:
+        raise VQTError(f"{root} holds no finished final runs of feature {feature}: pass the EXP_ROOT of the launchers "
+                       "as --root (nothing was written)")
+    return rows
+
+
+def method_columns(row: MethodRow, tasks: list[VTABTask]) -> list[str]:
+    """A row's cells: per-task mean, the group means, the mean over tasks, trainable parameters (M, without the
+    head) and peak training memory (GiB); "" where absent."""
+    report = Report({}, row.cells, [])
+    means = [f"{c.mean:.1f}" if c and c.values else "" for c in (row.cells[t.name] for t in table_order(tasks))]
+    groups = [f"{m:.1f}" if m is not None else "" for _, m, _ in group_means(report, tasks)[:-1]]
+    u = row.usage
+    params = f"{u['trainable_params_without_head'] / 1e6:.3f}" if "trainable_params_without_head" in u else ""
+    memory = f"{u['peak_memory_bytes'] / 2 ** 30:.2f}" if "peak_memory_bytes" in u else ""
+    return [*means, *groups, params, memory]
+
+
+def write_methods(rows: list[MethodRow], tasks: list[VTABTask], stem: Path, feature: str) -> None:
+    """The method x task table: printed, and as stem.csv / stem.md; stem.png plots mean accuracy against peak
+    training memory (the paper's memory-accuracy picture, from the runs' own DONE records)."""
+    groups = [label for label, _, _ in group_means(Report({}, rows[0].cells, []), tasks)[:-2]]
+    header = ["method", *(t.short for t in table_order(tasks)), *groups, "mean", "params (M, no head)",
+              "train memory (GiB)"]
+    table = [[r.setting, *method_columns(r, tasks)] for r in rows]
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([header, *table])
+    note = "Test top-1 (%), mean over the seeds that count; the memory is each run's recorded peak (its DONE)."
+    lines = [f"# Methods on VTAB-1k ({feature})", "", note, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in table)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[4:]))
+    _plot_methods(rows, tasks, stem.with_suffix(".png"), feature)
+
+
+def _plot_methods(rows: list[MethodRow], tasks: list[VTABTask], path: Path, feature: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        means = [c.mean for c in r.cells.values() if c and c.values]
+        if "peak_memory_bytes" in r.usage and means:
+            x, y = r.usage["peak_memory_bytes"] / 2 ** 30, float(np.mean(means))
+            ax.scatter([x], [y])
+            ax.annotate(r.setting.rsplit("_", 2)[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("peak training memory (GiB)")
+    ax.set_ylabel(f"mean test top-1 (%) over {len(tasks)} task(s)")
+    ax.set_title(f"Memory and accuracy per method ({feature})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (all optional: no arguments reproduces the original script)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -346,6 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="setting folders to print, e.g. VQTSup_1_adam_final")
     p.add_argument("--tasks", nargs="+", metavar="NAME", help="subset of DATA.NAMEs (default: all 19)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="seeds expected per setting (run1..runN)")
+    p.add_argument("--methods", action="store_true", help="one row per setting folder under --root (VQT and the "
+                   "baselines): per-task means, group means, trainable parameters, training memory; writes "
+                   "results_methods.* (csv, md, and a png of accuracy against memory)")
     p.add_argument("--out", help="folder for the result files (default: ROOT/results); a selection other than the "
                    "default table (--settings, --tasks, --feature, --runs) writes results_<selection>.* there")
     return p.parse_args(argv)
@@ -361,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1:
             raise VQTError(f"--runs must be >= 1, got {args.runs}")
         tasks = select_tasks(args.tasks)
+        if args.methods:
+            return _main_methods(args, root, tasks)
         report = collect(root, args.feature, args.settings, tasks, args.runs)
         if not report.cells:
             raise VQTError(f"{root} holds none of the settings {', '.join(args.settings)} for feature "
@@ -379,6 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(report, tasks, stem.with_suffix(".csv"), args.runs)
     write_markdown(report, tasks, stem.with_suffix(".md"), root, args.feature, args.runs)
     write_plot(report, tasks, stem.with_suffix(".png"), args.feature)
+    print(f"\nwrote {stem}.csv, {stem.name}.md, {stem.name}.png")
+    return 0
+
+
+def _main_methods(args: argparse.Namespace, root: Path, tasks: list[VTABTask]) -> int:
+    rows = method_rows(root, args.feature, tasks, args.runs)
+    out = Path(args.out) if args.out else root / "results"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create the output folder {out} ({err.strerror}): pass a writable --out", file=sys.stderr)
+        return 1
+    stem = out / output_stem(["methods"], args.tasks, args.feature, args.runs)
+    write_methods(rows, tasks, stem, args.feature)
     print(f"\nwrote {stem}.csv, {stem.name}.md, {stem.name}.png")
     return 0
 

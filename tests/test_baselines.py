@@ -3,7 +3,8 @@ on-disk TFDS task and a random .npz backbone: grids per type, the engine each ru
 and one-line errors for settings a method does not read."""
 from __future__ import annotations
 
-import json
+import csv
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import sys
 import pytest
 import torch
 
+import collect_demo_exp_results as collect
 import train
 from src.configs.vit_configs import MODEL_ZOO
 from src.engine.protocol import FINAL_SEEDS
-from src.utils.layout import Layout
+from src.utils.layout import Layout, RunDir
 
 NAME = "vtab-eurosat"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +60,7 @@ def test_types_that_train_inside_the_backbone_run_on_the_reference_loop(assets, 
                                    "last_model.pth"), weights_only=True)["model"]
     trained = {"prompt": "enc.prompts.embeddings", "vqt+lora": "enc.transformer.encoder.query_prompt_embeddings"}
     assert trained[method["MODEL.TRANSFER_TYPE"]] in ckpt
-    done = json.loads(open(os.path.join(Layout(out, NAME, "demo_vit_tiny", 128).task_dir("final"), finals[0],
-                                        "DONE")).read())
+    done = RunDir(os.path.join(Layout(out, NAME, "demo_vit_tiny", 128).task_dir("final"), finals[0])).record
     arch = MODEL_ZOO["demo_vit_tiny"].arch
     own = {"prompt": arch.depth * 3 * arch.embed_dim,  # deep prompts: 3 per layer
            "vqt+lora": arch.depth * (arch.embed_dim + 2 * 2 * 8 * arch.embed_dim)}[method["MODEL.TRANSFER_TYPE"]]
@@ -94,3 +95,32 @@ def test_launcher_runs_a_prompt_baseline_and_rejects_unknown_types(assets, tmp_p
     assert len(_done(out, "final")) == len(FINAL_SEEDS)
     bad = subprocess.run([*cmd[:5], "vpt", *cmd[6:]], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: TRAIN_TYPE 'vpt'")
+
+
+def test_collector_prints_a_method_by_task_table(assets, tmp_path, capsys):
+    root = tmp_path / "exp"
+    short = {"SOLVER.TOTAL_EPOCH": 1, "SOLVER.WARMUP_EPOCH": 0}
+    methods = {"linear_adam": {"MODEL.TRANSFER_TYPE": "linear"},
+               "prompt-deep3_adam": {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.PROMPT.DEEP": True,
+                                     "MODEL.PROMPT.NUM_TOKENS": 3}}
+    for setting, method in methods.items():
+        assert train.main(_args(assets, str(root / setting), {**method, **short}, "--lr", "0.01", "--wd", "0.0")) == 0
+    capsys.readouterr()
+    assert collect.main(["--methods", "--root", str(root), "--feature", "demo_vit_tiny", "--tasks", NAME]) == 0
+    with open(root / "results" / f"results_methods_demo_vit_tiny_1tasks-{_digest()}.csv") as f:
+        rows = {r[0]: r for r in csv.reader(f)}
+    assert set(rows) == {"method", "linear_adam_final", "prompt-deep3_adam_final"}
+    for setting in methods:
+        out = str(root / setting)
+        runs = [RunDir(os.path.join(Layout(out, NAME, "demo_vit_tiny", 128).task_dir("final"), d)) for d in
+                _done(out, "final")]
+        top1 = sum(r.top1(f"test_{NAME}") for r in runs) * 100 / len(runs)
+        params = runs[0].record["trainable_params_without_head"]
+        row = rows[f"{setting}_final"]
+        assert row[1] == f"{top1:.1f}" and row[-2] == f"{params / 1e6:.3f}" and float(row[-1]) > 0
+    assert rows["linear_adam_final"][-2] == "0.000"
+    assert "prompt-deep3_adam_final" in capsys.readouterr().out
+
+
+def _digest() -> str:
+    return hashlib.sha1(NAME.encode()).hexdigest()[:6]

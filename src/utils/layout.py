@@ -30,8 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
-import torch
-
 from src.errors import VQTError
 
 PHASES = {"search": "_val", "final": "_final", "sparse": "_sparsefinal"}
@@ -194,6 +192,8 @@ def _write_failed(path: str, err: BaseException) -> VQTError:
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file, then rename over `path`; a failed write is one VQTError line."""
+    import torch  # imported where used: reading the layout (the collector's --help) needs no torch
+
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
@@ -312,9 +312,13 @@ class RunDir:
     def load_results(self) -> dict:
         """eval_results.pth, ours or the original code's (a defaultdict holding numpy floats), loaded
         without unpickling anything else."""
+        import torch
+
         return torch.load(self.results_file, pickle_module=_RESULTS_PICKLE, weights_only=False)
 
     def load_checkpoint(self) -> dict:
+        import torch
+
         return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)
 
     def top1(self, split_name: str) -> float:
