@@ -78,7 +78,8 @@ def _run(args: argparse.Namespace) -> None:
     data = os.path.join(args.dest, "digits")
     write_digits(data)
     methods = [
-        (f"VQT (Q={args.queries})", setting_name(args.queries, "adam"), ["MODEL.H2T.NUM_QUERY_TOKENS", str(args.queries)]),
+        (f"VQT (Q={args.queries})", setting_name(args.queries, "adam"),
+         ["MODEL.H2T.NUM_QUERY_TOKENS", str(args.queries)]),
         ("linear probe", setting_name(0, "adam", "linear"), ["MODEL.TRANSFER_TYPE", "linear"]),
         (f"VPT-deep ({args.prompts} prompts)", setting_name(0, "adam", f"prompt-deep{args.prompts}"),
          ["MODEL.TRANSFER_TYPE", "prompt", "MODEL.PROMPT.DEEP", "True", "MODEL.PROMPT.NUM_TOKENS", str(args.prompts),
@@ -91,7 +92,8 @@ def _run(args: argparse.Namespace) -> None:
         out = os.path.join(args.exp_root, setting)
         status = train.main(["--config-file", os.path.join(ROOT, "configs/h2t-prompt/vtab.yaml"), "--optimizer", "adam",
                              "DATA.SOURCE", "folder", "DATA.DATAPATH", data, "DATA.NAME", "digits",
-                             "DATA.FEATURE", "demo_vit_tiny", "MODEL.MODEL_ROOT", os.path.join(args.dest, "pre-trained_weights"),
+                             "DATA.FEATURE", "demo_vit_tiny",
+                             "MODEL.MODEL_ROOT", os.path.join(args.dest, "pre-trained_weights"),
                              "DATA.CROPSIZE", "64", "OUTPUT_DIR", out, "SOLVER.TOTAL_EPOCH", str(args.epochs),
                              "SOLVER.WARMUP_EPOCH", "1", *method])
         if status:

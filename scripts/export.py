@@ -44,7 +44,8 @@ def _run(args: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_save(export, args.out)
     print(f"wrote {args.out}: {len(export['classes'])} classes, backbone "
-          f"{export['backbone']['timm_name'] or export['backbone']['feature']} ({export['backbone']['weights'] or 'timm cache'})")
+          f"{export['backbone']['timm_name'] or export['backbone']['feature']} "
+          f"({export['backbone']['weights'] or 'timm cache'})")
 
 
 if __name__ == "__main__":

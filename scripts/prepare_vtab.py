@@ -51,7 +51,8 @@ MANUAL_STEPS = {
   3. Unpack into {manual}: train.zip -> train/, test.zip -> test/, sample.zip -> sample/, and the files
      trainLabels.csv and sampleSubmissions.csv (`jar xvf train.zip` copes with the huge zip where unzip fails).
   4. `pip install -r requirements-prepare.txt` (OpenCV: the btgraham-300 preprocessing uses cv2).
-     Preparing also fetches the test labels (retinopathy_solution.csv) from storage.googleapis.com, so it needs the network.
+     Preparing also fetches the test labels (retinopathy_solution.csv) from storage.googleapis.com, \
+so it needs the network.
   5. Run again: {command}""",
     "resisc45": """\
   1. Download NWPU-RESISC45.rar (OneDrive link in the TFDS catalog: https://1drv.ms/u/s!AmgKYzARBl5ca3HNaHIlzp_IXjs).

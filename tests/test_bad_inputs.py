@@ -159,6 +159,7 @@ def test_too_many_query_tokens_refused_before_training(inputs, work, capsys):
     the knobs before any run folder exists."""
     code = train.main(train_args(inputs, "OUTPUT_DIR", "out", "MODEL.H2T.NUM_QUERY_TOKENS", "100000000"))
     line = one_error(capsys, code, r"training 5 run\(s\) at once needs at least \d+\.\d GiB \(trained tensors .*query "
-                                   r"path .*\) but .*: lower MODEL.H2T.NUM_QUERY_TOKENS \(now 100000000\) or DATA.BATCH_SIZE")
+                                   r"path .*\) but .*: lower MODEL.H2T.NUM_QUERY_TOKENS \(now 100000000\) "
+                                   r"or DATA.BATCH_SIZE")
     assert float(line.split("needs at least ")[1].split(" GiB")[0]) > 1024
     assert not [p for p in listing(work) if p.endswith("run1")]

@@ -47,7 +47,8 @@ def test_bench_table_runs(tmp_path):
     assert "tasks" not in out  # Q=10 and Q=20 not measured: no whole table
     a, m = argparse.Namespace(**out["args"]), out["measured"]
     for q in (10, 20):  # the whole table from these figures, as if Q=10 and Q=20 had measured the same
-        m["phases"].update({k.replace("/Q1", f"/Q{q}"): v for k, v in m["phases"].items() if k.endswith(("search/Q1", "finals/Q1"))})
+        m["phases"].update({k.replace("/Q1", f"/Q{q}"): v for k, v in m["phases"].items()
+                            if k.endswith(("search/Q1", "finals/Q1"))})
     a.qs = [1, 10, 20]
     figures = report(a, m)
     assert len(figures["tasks"]) == 19 and figures["total"]["ratio"] > 0

@@ -131,7 +131,8 @@ def test_no_arguments_like_the_original(tree):
     assert proc.returncode == 0, proc.stderr  # a report: missing runs do not fail it
     assert proc.stdout.startswith(f"====== {SPARSE} ======\n--- vtab-caltech101 - {FEAT} - lr0.05_wd0.01_bs128\n")
     assert "====== VQTSup_10_adam_final ======\n\n" in proc.stdout  # nothing ran with Q=10
-    assert f"vtab-sun397: no {FEAT} folder" in proc.stdout and "All (mean over tasks): 66.80  (5/19 tasks)" in proc.stdout
+    assert (f"vtab-sun397: no {FEAT} folder" in proc.stdout
+            and "All (mean over tasks): 66.80  (5/19 tasks)" in proc.stdout)
     assert (tree / "results" / "results.csv").is_file() and (tree / "results" / "results.png").is_file()
 
 

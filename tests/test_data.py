@@ -326,7 +326,8 @@ def test_imagefolder_round_trip(tmp_path):
     train, val, trainval = (load_split(cfg, s) for s in ("train800", "val200", "train800val200"))
     assert (len(train), len(val), len(trainval)) == (12, 5, 17)
     np.testing.assert_array_equal(np.concatenate([train.labels, val.labels]), trainval.labels)
-    assert all(a.dtype == np.uint8 and a.shape[2] == 3 and (a == b).all() for a, b in zip(train.images, trainval.images))
+    assert all(a.dtype == np.uint8 and a.shape[2] == 3 and (a == b).all()
+               for a, b in zip(train.images, trainval.images))
     with open(os.path.join(folder, "train800.txt")) as f:
         assert [int(line.split()[1]) for line in f] == train.labels.tolist()
     n, batches = stream_split(cfg, "test", 3)
@@ -352,7 +353,8 @@ def _prepare_script():
 def test_prepare_check(tfds_dir, capsys):
     script = _prepare_script()
     assert script.main(["--data-dir", tfds_dir, "--check"]) == 1
-    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("vtab-")}
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("vtab-")}
     assert set(rows) == set(TASKS)
     for name, status in rows.items():
         assert status == ("OK" if name in READY else "MISSING"), name

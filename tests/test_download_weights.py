@@ -179,7 +179,8 @@ def test_stalled_download_fails_fast_with_instructions(server, tmp_path, capsys)
     assert dw.main(argv) == 1
     assert time.monotonic() - t0 < 5
     err = capsys.readouterr().err
-    assert err.startswith(f"error: mae_vitb16: download of {server.url}/{name} stalled after ") and "Traceback" not in err
+    assert (err.startswith(f"error: mae_vitb16: download of {server.url}/{name} stalled after ")
+            and "Traceback" not in err)
     assert f"rerun to resume, use --mirror, or download {name} manually from {server.url}/{name}" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / name).exists()

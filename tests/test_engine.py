@@ -119,7 +119,8 @@ def test_disk_cache_on_a_full_disk_is_one_clear_error(tiny_vit, tiny_images, tmp
     monkeypatch.setattr(frozen_mod.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
     with pytest.raises(VQTError) as info:
-        FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, location="disk", scratch_dir=str(folder))
+        FrozenFeatures(tiny_vit, tiny_images, 32, torch.device("cpu"), cache=True, location="disk",
+                       scratch_dir=str(folder))
     msg = str(info.value)
     assert msg.startswith(f"the frozen-path disk cache needs 0.00 GiB in {folder} but 0.00 GiB are free")
     assert "ENGINE.CACHE_DTYPE bfloat16" in msg and "ENGINE.CACHE off" in msg and "OUTPUT_DIR" in msg

@@ -203,7 +203,8 @@ def test_16bit_and_exif_images_decode_alike_in_training_and_prediction(tmp_path)
     root = tmp_path / "data"
     write_folder_dataset(root, {"train": 3, "val": 1, "test": 1})
     level = (np.arange(32 * 32).reshape(32, 32) * 7 % 256).astype(np.uint8)
-    Image.fromarray(np.minimum(level.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)).save(root / "train" / "cat" / "deep.png")  # I;16
+    Image.fromarray(np.minimum(level.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)).save(
+        root / "train" / "cat" / "deep.png")  # I;16
     stored = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
     _exif_rotated_png(root / "train" / "dog" / "phone.png", stored)
     upright = np.rot90(stored, k=-1)

@@ -175,7 +175,8 @@ def test_sparsity_launcher_checks_the_fraction(tmp_path):
                             "demo_vit_tiny", fraction], cwd=ROOT, capture_output=True, text=True, check=False,
                            env={**os.environ, "PYTHON": "false", "EXP_ROOT": str(tmp_path)})
         assert p.returncode == 2 and p.stdout == ""
-        assert p.stderr == f"error: FRACTION '{fraction}' must be a number in (0, 1], e.g. 0.7 (the fraction of features kept)\n"
+        assert p.stderr == (f"error: FRACTION '{fraction}' must be a number in (0, 1], e.g. 0.7 "
+                            "(the fraction of features kept)\n")
 
 
 def test_missing_checkpoint_names_the_file(assets, tmp_path, capsys):
@@ -195,7 +196,8 @@ def _leaves(node, prefix=""):
 
 
 # Keys whose only job is to reject what is not implemented: a value that must stop the run.
-REJECTING = {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.TYPE": "h2t-ssl-vit", "MODEL.MLP_NUM": "1", "SOLVER.LOSS": "sigmoid",
+REJECTING = {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.TYPE": "h2t-ssl-vit", "MODEL.MLP_NUM": "1",
+             "SOLVER.LOSS": "sigmoid",
              "SOLVER.PATIENCE": "2", "DATA.MULTILABEL": "True", "DATA.CLASS_WEIGHTS_TYPE": "inv"}
 
 
@@ -215,8 +217,10 @@ def test_every_config_key_is_read_or_rejects(assets, tmp_path, monkeypatch, caps
     out = str(tmp_path / "VQTSup_2_adam")
     assert train.main(_args(assets, out, over=["SOLVER.TOTAL_EPOCH", "2"])) == 0
     epochs = ["SOLVER.TOTAL_EPOCH", "2"]  # the finals' setting: a stage starts only from finals of its own setting
-    assert train.main(_args(assets, out, "--sparse-mode", "compress", over=[*epochs, "MODEL.H2T.LRP_COEF", "0.0001"])) == 0
-    assert train.main(_args(assets, out, "--sparse-mode", "featselect", over=[*epochs, "MODEL.H2T.KEEP_FRAC", "0.5"])) == 0
+    assert train.main(_args(assets, out, "--sparse-mode", "compress",
+                            over=[*epochs, "MODEL.H2T.LRP_COEF", "0.0001"])) == 0
+    assert train.main(_args(assets, out, "--sparse-mode", "featselect",
+                            over=[*epochs, "MODEL.H2T.KEEP_FRAC", "0.5"])) == 0
     monkeypatch.undo()
     leaves = set(_leaves(get_cfg()))
     assert leaves - used == set(REJECTING)
@@ -269,8 +273,10 @@ def test_a_cache_that_fits_nowhere_falls_back_to_the_uncached_grid(assets, tmp_p
         return torch.load(os.path.join(run, f"test_{NAME}_logits.pth"), weights_only=True)["joint_logits"]
 
     cached = str(tmp_path / "cached")
-    assert train.main(_args(assets, cached, "--lr", "0.07", "--wd", "0.001", over=["ENGINE.CACHE_LOCATION", "cpu"])) == 0
-    monkeypatch.setattr(frozen_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
+    assert train.main(_args(assets, cached, "--lr", "0.07", "--wd", "0.001",
+                            over=["ENGINE.CACHE_LOCATION", "cpu"])) == 0
+    monkeypatch.setattr(frozen_mod.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1000))
     capsys.readouterr()
     full = str(tmp_path / "full")
     assert train.main(_args(assets, full, "--lr", "0.07", "--wd", "0.001", over=["ENGINE.CACHE_LOCATION", "disk"])) == 0

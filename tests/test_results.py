@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _args(assets, out, *flags, weights=None, **over):
     opts = {"MODEL.H2T.NUM_QUERY_TOKENS": 1, "MODEL.H2T.DROPOUT": 0.1, "DATA.FEATURE": FEAT, "DATA.NAME": NAME,
-            "DATA.NUMBER_CLASSES": 10, "DATA.DATAPATH": assets / "data", "MODEL.WEIGHT_PATH": weights or assets / "demo.npz",
+            "DATA.NUMBER_CLASSES": 10, "DATA.DATAPATH": assets / "data",
+            "MODEL.WEIGHT_PATH": weights or assets / "demo.npz",
             "OUTPUT_DIR": out, "SOLVER.OPTIMIZER": "adam", "DATA.CROPSIZE": 32, "SOLVER.TOTAL_EPOCH": 2,
             "SOLVER.WARMUP_EPOCH": 1, "DATA.BATCH_SIZE": 128} | {k.replace("__", "."): v for k, v in over.items()}
     return ["--config-file", os.path.join(ROOT, "configs/h2t-prompt/vtab.yaml"), *flags,
@@ -56,7 +57,8 @@ def test_changed_setting_is_not_silently_reused(assets, tmp_path, capsys):
     stamps = [os.path.getmtime(r.file("DONE")) for r in runs]
     assert train.main(_args(assets, out, *given, SOLVER__TOTAL_EPOCH=3)) == 2
     err = _err(capsys)
-    assert err.startswith("error: 5 finished final runs") and "SOLVER.TOTAL_EPOCH 2 -> 3" in err and "--overwrite" in err
+    assert (err.startswith("error: 5 finished final runs") and "SOLVER.TOTAL_EPOCH 2 -> 3" in err
+            and "--overwrite" in err)
     assert all(r.record["epochs"] == 2 for r in runs)
     # settings that do not change numbers stay out of the identity: reused
     assert train.main(_args(assets, out, *given, ENGINE__EVAL_BATCH_SIZE=64, SOLVER__LOG_EVERY_N=7)) == 0

@@ -106,7 +106,8 @@ def test_cached_equals_uncached(family):
     """VQT on images (backbone every call) == the stacked engine on the cached frozen path."""
     _, ours, size = family
     rng = np.random.default_rng(0)
-    images = ImageSet([rng.integers(0, 256, (size + 5, size, 3), dtype=np.uint8) for _ in range(4)], np.zeros(4, np.int64))
+    images = ImageSet([rng.integers(0, 256, (size + 5, size, 3), dtype=np.uint8) for _ in range(4)],
+                      np.zeros(4, np.int64))
     spec = QuerySpec(2, 5)
     members = Members(ours, spec, [7])
     members.reset(torch.device("cpu"))

@@ -9,7 +9,8 @@ the backbone's size with its resampling filter (DATA.CROPSIZE and DATA.INTERPOLA
 
 Bad input stops with one line: a missing train or test folder, an empty class folder, class folders
 that differ between splits. Files Pillow does not recognise as images (README.txt, .DS_Store, ...)
-are skipped, and the log gives their count and an example; hidden folders are not entered; a recognised image that then fails to
+are skipped, and the log gives their count and an example; hidden folders are not entered; a recognised
+image that then fails to
 decode stops the run with its file name.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ def images_in(folder: str) -> tuple[list[str], list[str]]:
 
 
 def _class_folders(split_dir: str) -> list[str]:
-    return sorted(n for n in os.listdir(split_dir) if not n.startswith(".") and os.path.isdir(os.path.join(split_dir, n)))
+    return sorted(n for n in os.listdir(split_dir)
+                  if not n.startswith(".") and os.path.isdir(os.path.join(split_dir, n)))
 
 
 def _part(root: str, part: str, classes: list[str] | None) -> tuple[list[str], list[tuple[str, int]], list[str]]:

@@ -124,7 +124,8 @@ def _num_examples(builder, expr: str) -> int:
         return builder.info.splits[expr].num_examples
     except (KeyError, ValueError, AssertionError) as e:
         raise VQTError(f"TFDS {builder.info.full_name} in {builder.data_dir}: split {expr!r} is not available ({e}); "
-                       "the data is incomplete or too small for VTAB-1k: re-prepare it with scripts/prepare_vtab.py") from None
+                       "the data is incomplete or too small for VTAB-1k: "
+                       "re-prepare it with scripts/prepare_vtab.py") from None
 
 
 def data_identity(cfg) -> str:
@@ -255,7 +256,8 @@ def _folder_entries(cfg, task: VTABTask, split: str) -> tuple[str, list[tuple[st
                 continue
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise VQTError(f"{list_file}:{lineno}: expected '<relative image path> <int label>', got {line.strip()!r}")
+                raise VQTError(f"{list_file}:{lineno}: expected '<relative image path> <int label>', "
+                               f"got {line.strip()!r}")
             entries.append((os.path.join(root, parts[0]), int(parts[1])))
     return list_file, entries
 
@@ -288,7 +290,8 @@ def _source(cfg, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int]]]:
     return n, _checked(examples, task, cfg.DATA.DATAPATH)
 
 
-def _checked(examples: Iterable[tuple[np.ndarray, int]], task: VTABTask, where: str) -> Iterator[tuple[np.ndarray, int]]:
+def _checked(examples: Iterable[tuple[np.ndarray, int]], task: VTABTask,
+             where: str) -> Iterator[tuple[np.ndarray, int]]:
     for image, label in examples:
         if not 0 <= label < task.num_classes:
             raise VQTError(f"{task.name}: label {label} in {where!r} is outside [0, {task.num_classes}); "

@@ -126,7 +126,8 @@ class Task:
                     raise
                 get_logger().warning(
                     f"the frozen-path cache ({err.nbytes / 2**30:.2f} GiB) fits neither in memory nor in {err.folder} "
-                    f"({err.free / 2**30:.2f} GiB free): ENGINE.CACHE auto trains without it, the backbone running once "
+                    f"({err.free / 2**30:.2f} GiB free): ENGINE.CACHE auto trains without it, "
+                    "the backbone running once "
                     "per batch for all runs of a phase (same numbers, slower); free space there or set "
                     "ENGINE.CACHE_DTYPE bfloat16 to cache")
                 self._frozen = self._frozen_features(False)

@@ -158,7 +158,8 @@ class Layout:
         root = self.task_dir("search")
         names = sorted(os.listdir(root)) if os.path.isdir(root) else []
         return [(hp[0], hp[1], RunDir(os.path.join(root, n, run_name(1)))) for n in names
-                if (hp := parse_hp_name(n)) and hp[2] == self.batch_size and os.path.isdir(os.path.join(root, n, run_name(1)))]
+                if (hp := parse_hp_name(n)) and hp[2] == self.batch_size
+                and os.path.isdir(os.path.join(root, n, run_name(1)))]
 
     def meta_dir(self, phase: str) -> str:
         """The phase's bookkeeping for this task, outside the folders the original collector lists."""
@@ -186,7 +187,8 @@ class Layout:
 
 def _write_failed(path: str, err: BaseException) -> VQTError:
     reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-    return VQTError(f"cannot write {path}: {reason}; check that {os.path.dirname(path) or '.'} is writable and its disk "
+    return VQTError(f"cannot write {path}: {reason}; check that {os.path.dirname(path) or '.'} "
+                    "is writable and its disk "
                     "has space (or point OUTPUT_DIR elsewhere), then rerun: unfinished runs are redone")
 
 
