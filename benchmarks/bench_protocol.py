@@ -13,19 +13,12 @@ VPT-deep (prompts inside the backbone, backprop through every layer) on the same
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import multiprocessing as mp
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from typing import Self
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from benchmarks.common import (
     ARCHS,
@@ -34,7 +27,9 @@ from benchmarks.common import (
     RAW_SIZE,
     Epochs,
     GiB,
+    PeakMemory,
     final_runs,
+    isolated_step,
     make_cfg,
     measured_epochs,
     now,
@@ -45,53 +40,13 @@ from benchmarks.common import (
     timed_test,
     train,
 )
-from src.data.preprocess import preprocess
 from src.engine.frozen import FrozenFeatures
-from src.engine.members import Members
 from src.engine.protocol import FINAL_SEEDS
 from src.engine.train import Engine
 from src.models.checkpoints import write_random_npz
-from src.models.vit import VisionTransformer
 from src.models.vqt import QuerySpec
 from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
-from src.utils.heap import follow_live_memory
-
-LIBC = ctypes.CDLL(None)
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA `max_memory_allocated`; on CPU (Linux, glibc) the
-    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs), after freed heap memory
-    is handed back to the OS so that what an earlier measurement left neither counts nor serves."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> Self:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            LIBC.malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = _proc_status("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.peak = torch.cuda.max_memory_allocated() if self.cuda else _proc_status("VmHWM")
-        self.growth = self.peak - self.base
-
-
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
 
 
 def _phases(a: argparse.Namespace, engine: Engine, cfg, images, device: torch.device, configs: int,
@@ -128,55 +83,6 @@ def reference_path(a: argparse.Namespace) -> dict:
         figures = _phases(a, Engine.reference(QuerySpec.from_cfg(cfg), backbone), cfg, images, device,
                           a.ref_configs, 1)
     return {**figures, "peak_bytes": mem.growth}
-
-
-def vpt_deep_logits(backbone: VisionTransformer, x: torch.Tensor, prompts: torch.Tensor,
-                    head: nn.Linear) -> torch.Tensor:
-    """VPT-deep: layer i's P prompt tokens replace the previous prompt outputs after CLS; the frozen blocks
-    attend over [CLS, prompts, patches], so gradients flow back through every layer."""
-    x = backbone.embed(x)
-    p = prompts.shape[1]
-    for i, blk in enumerate(backbone.blocks):
-        patches = x[:, 1 + p:] if i else x[:, 1:]
-        x = blk(torch.cat([x[:, :1], prompts[i].expand(x.shape[0], -1, -1), patches], dim=1))
-    return head(backbone.norm(x)[:, 0])
-
-
-def train_step(a: argparse.Namespace, method: str) -> dict:
-    """Peak memory and time of one training step (forward + backward) on `--mem-batch` images."""
-    device, backbone, images = setup(a)
-    idx = torch.arange(a.mem_batch) % len(images)
-    d = backbone.embed_dim
-    if method == "vqt":
-        frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
-        model = Members(backbone, QuerySpec(a.q, a.classes, dropout=0.1), [0]).to(device)
-        model.reset(device)
-    else:
-        prompts = nn.Parameter(torch.empty(backbone.depth, a.prompts, d, device=device).uniform_(-0.05, 0.05))
-        head = nn.Linear(d, a.classes).to(device)
-    if device.type == "cpu":
-        follow_live_memory()
-    with PeakMemory(device) as mem:
-        start = now()
-        if method == "vqt":
-            feat, kvs, y = frozen.batch(idx)  # frozen pass under no_grad, as the uncached path
-            logits = model(feat, kvs, train=True)[:, 0]
-        else:
-            x = preprocess([images.images[i] for i in idx.tolist()], a.img_size, device)
-            y = torch.as_tensor(images.labels[idx.numpy()], device=device)
-            logits = vpt_deep_logits(backbone, x, prompts, head)
-        F.cross_entropy(logits, y).backward()
-        seconds = since(start)
-    return {"peak_bytes": mem.growth, "step_s": seconds}
-
-
-def isolated_step(a: argparse.Namespace, method: str) -> dict:
-    """`train_step` here on CUDA; on CPU in a fresh process, so that its resident-set peak is the step's
-    own (what the protocol left in this process's allocator blurs a figure of about 1 GiB)."""
-    if resolve_device(a.device).type == "cuda":
-        return train_step(a, method)
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(train_step, a, method).result()
 
 
 def extrapolate(a: argparse.Namespace, fast: dict, ref: dict) -> list[tuple]:
@@ -236,7 +142,7 @@ def report_protocol(a: argparse.Namespace) -> dict:
 
 def report_memory(a: argparse.Namespace) -> dict:
     """Measure and print the training-step memory of VQT vs VPT-deep; return the figures."""
-    vqt, vpt = isolated_step(a, "vqt"), isolated_step(a, "vpt")
+    vqt, vpt = isolated_step(a, "vqt"), isolated_step(a, "prompt-deep")
     ratio = vqt["peak_bytes"] / vpt["peak_bytes"]
     print(f"\none training step, batch {a.mem_batch}, peak memory above the loaded backbone + images "
           f"(MEASURED, {memory_kind(a, True)}):")

@@ -4,27 +4,40 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import itertools
+import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from src.configs.defaults import load_cfg
 from src.configs.transfer import lr_wd_grid
 from src.configs.vit_configs import VIT_B16, ViTArch
 from src.data.loader import ImageSet
+from src.data.preprocess import preprocess
+from src.engine.frozen import FrozenFeatures
+from src.engine.members import Members
+from src.engine.memory import peak, proc_status, reset_peak
 from src.engine.protocol import FINAL_SEEDS
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.engine.train import Engine, train_phase
 from src.models.checkpoints import load_backbone
+from src.models.petl import Method
 from src.models.vit import VisionTransformer
+from src.models.vqt import VQT, QuerySpec
 from src.utils.device import resolve_device
+from src.utils.heap import follow_live_memory
 from src.utils.layout import Layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,3 +161,79 @@ def train(cfg: CfgNode, engine: Engine, runs: list[Run], data: TaskData, save_ck
     jobs = [(r, RunRecord(r, cfg, save_ckpt=save_ckpt)) for r in runs]
     train_phase(jobs, recipe or Recipe.from_cfg(cfg), data, engine, on_epoch=lambda _: starts.append(now()))
     return starts
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA `max_memory_allocated`; on CPU (Linux, glibc) the
+    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs), after freed heap memory
+    is handed back to the OS so that what an earlier measurement left neither counts nor serves."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> Self:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            ctypes.CDLL(None).malloc_trim(0)
+            self.base = proc_status("VmRSS")
+        reset_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.growth = peak()[0] - self.base
+
+
+def step_method(name: str, a: argparse.Namespace) -> Method:
+    """The transfer type a benchmark names: a MODEL.TRANSFER_TYPE, or prompt-shallow / prompt-deep (`a.prompts`
+    prompt tokens; deep with dropout 0.1, as run_vpt_vtab.sh); vqt+prompt has deep prompts."""
+    if name.startswith("prompt-") or name == "vqt+prompt":
+        deep = name != "prompt-shallow"
+        return Method(name.split("-")[0], prompt_tokens=a.prompts, prompt_deep=deep, prompt_dropout=0.1 * deep)
+    return Method(name)
+
+
+def train_step(a: argparse.Namespace, method: str) -> dict:
+    """Peak memory and time of one training step (forward + backward) on `a.mem_batch` images: "vqt" as the
+    stacked engine trains it (frozen pass under no_grad, then the query path), any other method (`step_method`)
+    through its `VQT` module as the reference loop trains it. Also its trainable parameters without the head."""
+    device, backbone, images = setup(a)
+    idx = torch.arange(a.mem_batch) % len(images)
+    if method == "vqt":
+        frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
+        model = Members(backbone, QuerySpec(a.q, a.classes, dropout=0.1), [0]).to(device)
+        model.reset(device)
+        params = backbone.depth * a.q * backbone.embed_dim
+    else:
+        m = step_method(method, a)
+        spec = QuerySpec(a.q, a.classes, dropout=0.1) if m.queries else QuerySpec(0, a.classes, normalize=False)
+        model = VQT(backbone, spec, method=m).to(device)
+        model.reset_parameters(torch.Generator().manual_seed(0))
+        params = sum(t.numel() for n, t in model.named_trained().items() if not n.startswith("head."))
+        x = preprocess([images.images[i] for i in idx.tolist()], a.img_size, device)
+        y = torch.as_tensor(images.labels[idx.numpy()], device=device)
+    if device.type == "cpu":
+        follow_live_memory()
+    with PeakMemory(device) as mem:
+        start = now()
+        if method == "vqt":
+            feat, kvs, y = frozen.batch(idx)
+            logits = model(feat, kvs, train=True)[:, 0]
+        else:
+            logits = model.train()(x)
+        F.cross_entropy(logits, y).backward()
+        seconds = since(start)
+    return {"peak_bytes": mem.growth, "step_s": seconds, "params": params}
+
+
+def isolated_step(a: argparse.Namespace, method: str) -> dict:
+    """`train_step` here on CUDA; on CPU in a fresh process, so that its resident-set peak is the step's
+    own (what earlier work left in this process's allocator blurs a figure of about 1 GiB)."""
+    if resolve_device(a.device).type == "cuda":
+        return train_step(a, method)
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(train_step, a, method).result()
