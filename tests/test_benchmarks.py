@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.bench_methods import METHODS, read_accuracy
 from benchmarks.bench_table import PHASES, report
 from benchmarks.common import Epochs
 
@@ -54,7 +55,26 @@ def test_bench_table_runs(tmp_path):
     assert len(figures["tasks"]) == 19 and figures["total"]["ratio"] > 0
 
 
-@pytest.mark.parametrize("script", ["bench_protocol", "bench_table", "bench_cache_dtype"])
+def test_bench_methods_runs_and_draws_memory_against_accuracy(tmp_path):
+    """Every method's step on tiny shapes; the picture from a collector methods csv (rows named as the launchers
+    name their settings)."""
+    csv_path = tmp_path / "results_methods.csv"
+    csv_path.write_text("method,dtd,mean\nVQTSup_1_adam_final,70.0,70.0\nprompt-deep10_adam_final,60.0,60.0\n"
+                        "vqt1+lora_adam_final,72.0,72.0\n")
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    methods = ["vqt", "linear", "lora", "end2end"]  # a fresh process each: the others run the same code
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_methods", "--arch", "tiny", "--img-size", "32",
+                        "--mem-batch", "2", "--methods", *methods, "--accuracy", str(csv_path), "--png", str(png),
+                        "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    figures = json.loads(out.read_text())["methods"]
+    assert list(figures) == methods and set(methods) < set(METHODS) and png.stat().st_size > 0
+    assert figures["linear"]["params"] == 0 and figures["end2end"]["params"] > figures["lora"]["params"] > 0
+    assert read_accuracy(str(csv_path)) == {"vqt": 70.0, "prompt-deep": 60.0, "vqt+lora": 72.0}
+
+
+@pytest.mark.parametrize("script", ["bench_protocol", "bench_table", "bench_cache_dtype", "bench_methods"])
 def test_help_shows_the_whole_docstring(script):
     module = importlib.import_module(f"benchmarks.{script}")
     p = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--help"], cwd=ROOT, capture_output=True,
