@@ -16,6 +16,7 @@ import collect_demo_exp_results as collect
 import train
 from src.configs.vit_configs import MODEL_ZOO
 from src.engine.protocol import FINAL_SEEDS
+from src.models.inference import load_model
 from src.utils.layout import Layout, RunDir
 
 NAME = "vtab-eurosat"
@@ -60,13 +61,16 @@ def test_types_that_train_inside_the_backbone_run_on_the_reference_loop(assets, 
                                    "last_model.pth"), weights_only=True)["model"]
     trained = {"prompt": "enc.prompts.embeddings", "vqt+lora": "enc.transformer.encoder.query_prompt_embeddings"}
     assert trained[method["MODEL.TRANSFER_TYPE"]] in ckpt
-    done = RunDir(os.path.join(Layout(out, NAME, "demo_vit_tiny", 128).task_dir("final"), finals[0])).record
+    run = RunDir(os.path.join(Layout(out, NAME, "demo_vit_tiny", 128).task_dir("final"), finals[0]))
+    done = run.record
     arch = MODEL_ZOO["demo_vit_tiny"].arch
     own = {"prompt": arch.depth * 3 * arch.embed_dim,  # deep prompts: 3 per layer
            "vqt+lora": arch.depth * (arch.embed_dim + 2 * 2 * 8 * arch.embed_dim)}[method["MODEL.TRANSFER_TYPE"]]
     assert done["trainable_params_without_head"] == own == sum(
         v.numel() for k, v in ckpt.items() if not k.startswith("head."))
     assert done["trainable_params"] > own and done["seconds_per_epoch"] > 0 and done["peak_memory_bytes"] > 0
+    named = load_model(run.path).model.named_trained()  # the run loads back, adaptation included, for predict.py
+    assert set(named) == set(ckpt) and all(torch.equal(named[k], ckpt[k]) for k in ckpt)
 
 
 def test_a_changed_method_key_is_named_and_a_foreign_one_refused(assets, tmp_path, capsys):

@@ -2,7 +2,8 @@
 module, write self-contained export files, and predict class probabilities for image files.
 
 An export file (`torch.save`d dict, format `FORMAT`) holds what a run trained (query tokens, combine
-weights, head, selected feature ids) with its `QuerySpec`, the backbone's identity (timm name or zoo
+weights, head, selected feature ids; a baseline's prompts, adapters or LoRA tensors) with its `QuerySpec` and
+`Method` (src/models/petl.py), the backbone's identity (timm name or zoo
 key) and a reference to its weight file (absolute path; 344 MB are not copied), the preprocessing
 (size, mean, std, resampling) and the class names. `load_model` turns either into a `Loaded` model:
 `loaded.model(images)` gives logits for images (B, 3, S, S) in [0, 1].
@@ -23,6 +24,7 @@ from src.data.folder import read_classes, read_images
 from src.data.preprocess import preprocess
 from src.errors import VQTError
 from src.models.checkpoints import backbone_image_config, build_backbone, weight_path
+from src.models.petl import Method
 from src.models.timm_backbone import ImageConfig
 from src.models.vqt import VQT, QuerySpec
 from src.utils.layout import RunDir, RunState
@@ -113,6 +115,7 @@ def run_export(run_dir: str, weights: str = "") -> dict:
     backbone = {"timm_name": cfg.MODEL.TIMM_NAME, "feature": cfg.DATA.FEATURE, "model_type": cfg.MODEL.TYPE,
                 "weights": os.path.abspath(weights) if weights else _weights(cfg, run_dir)}
     return {"format": FORMAT, "backbone": backbone, "spec": dataclasses.asdict(QuerySpec.from_cfg(cfg)),
+            "method": dataclasses.asdict(Method.from_cfg(cfg)),
             "trained": trained, "feat_ids": ckpt.get("feat_ids"),
             "image": dataclasses.asdict(backbone_image_config(cfg)), "classes": classes,
             "run": os.path.abspath(run_dir)}
@@ -124,7 +127,8 @@ def load_export(export: dict, device: torch.device | str = "cpu") -> Loaded:
                                                   for k, v in export["image"].items()})
     cfg = load_cfg(opts=["MODEL.TIMM_NAME", b["timm_name"], "MODEL.WEIGHT_PATH", b["weights"],
                          "MODEL.TYPE", b["model_type"], "DATA.FEATURE", b["feature"], "DATA.CROPSIZE", str(image.size)])
-    model = VQT(build_backbone(cfg), QuerySpec(**export["spec"]), export["feat_ids"])
+    model = VQT(build_backbone(cfg), QuerySpec(**export["spec"]), export["feat_ids"],
+                Method(**export.get("method", {})))  # exports written before the baselines existed hold VQT
     model.load_trained_state(export["trained"])
     return Loaded(model.to(device).eval(), list(export["classes"]), image)
 
