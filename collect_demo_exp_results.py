@@ -20,6 +20,7 @@ import csv
 import hashlib
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -444,12 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1:
             raise VQTError(f"--runs must be >= 1, got {args.runs}")
         tasks = select_tasks(args.tasks)
-        if args.methods:
-            return _main_methods(args, root, tasks)
-        report = collect(root, args.feature, args.settings, tasks, args.runs)
-        if not report.cells:
-            raise VQTError(f"{root} holds none of the settings {', '.join(args.settings)} for feature "
-                           f"{args.feature}: pass the EXP_ROOT of the launchers as --root (nothing was written)")
+        write = _methods_table(args, root, tasks) if args.methods else _settings_table(args, root, tasks)
     except VQTError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -459,27 +455,37 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot create the output folder {out} ({err.strerror}): pass a writable --out", file=sys.stderr)
         return 1
-    print_table(report, args.settings, tasks, args.feature)
-    stem = out / output_stem(args.settings, args.tasks, args.feature, args.runs)
-    write_csv(report, tasks, stem.with_suffix(".csv"), args.runs)
-    write_markdown(report, tasks, stem.with_suffix(".md"), root, args.feature, args.runs)
-    write_plot(report, tasks, stem.with_suffix(".png"), args.feature)
+    stem = write(out)
     print(f"\nwrote {stem}.csv, {stem.name}.md, {stem.name}.png")
     return 0
 
 
-def _main_methods(args: argparse.Namespace, root: Path, tasks: list[VTABTask]) -> int:
+def _settings_table(args: argparse.Namespace, root: Path, tasks: list[VTABTask]) -> Callable[[Path], Path]:
+    """Read the selected settings; returns what prints the table and writes its files into a folder."""
+    report = collect(root, args.feature, args.settings, tasks, args.runs)
+    if not report.cells:
+        raise VQTError(f"{root} holds none of the settings {', '.join(args.settings)} for feature "
+                       f"{args.feature}: pass the EXP_ROOT of the launchers as --root (nothing was written)")
+
+    def write(out: Path) -> Path:
+        print_table(report, args.settings, tasks, args.feature)
+        stem = out / output_stem(args.settings, args.tasks, args.feature, args.runs)
+        write_csv(report, tasks, stem.with_suffix(".csv"), args.runs)
+        write_markdown(report, tasks, stem.with_suffix(".md"), root, args.feature, args.runs)
+        write_plot(report, tasks, stem.with_suffix(".png"), args.feature)
+        return stem
+    return write
+
+
+def _methods_table(args: argparse.Namespace, root: Path, tasks: list[VTABTask]) -> Callable[[Path], Path]:
+    """Read every setting under the root (--methods); returns what prints and writes the method x task table."""
     rows = method_rows(root, args.feature, tasks, args.runs)
-    out = Path(args.out) if args.out else root / "results"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"error: cannot create the output folder {out} ({err.strerror}): pass a writable --out", file=sys.stderr)
-        return 1
-    stem = out / output_stem(["methods"], args.tasks, args.feature, args.runs)
-    write_methods(rows, tasks, stem, args.feature)
-    print(f"\nwrote {stem}.csv, {stem.name}.md, {stem.name}.png")
-    return 0
+
+    def write(out: Path) -> Path:
+        stem = out / output_stem(["methods"], args.tasks, args.feature, args.runs)
+        write_methods(rows, tasks, stem, args.feature)
+        return stem
+    return write
 
 
 def output_stem(settings: list[str], tasks: list[str] | None, feature: str, runs: int) -> str:

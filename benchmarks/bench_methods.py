@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import tempfile
@@ -20,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import ARCHS, GiB, isolated_step
+from benchmarks.common import ARCHS, GiB, isolated_step, write_json
 from src.models.checkpoints import write_random_npz
 from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
@@ -101,9 +100,7 @@ def main() -> None:
     if a.accuracy:
         plot(figures, read_accuracy(a.accuracy), a.png, title)
         print(f"wrote {a.png}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "device": where, "methods": figures}, f, indent=1)
+    write_json(a.json, {"args": vars(a), "device": where, "methods": figures})
 
 
 if __name__ == "__main__":

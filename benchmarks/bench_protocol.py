@@ -13,7 +13,6 @@ VPT-deep (prompts inside the backbone, backprop through every layer) on the same
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -39,6 +38,7 @@ from benchmarks.common import (
     task_data,
     timed_test,
     train,
+    write_json,
 )
 from src.engine.frozen import FrozenFeatures
 from src.engine.protocol import FINAL_SEEDS
@@ -190,9 +190,7 @@ def main() -> None:
         write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
         for part in a.parts:
             out[part] = (report_protocol if part == "protocol" else report_memory)(a)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(a.json, out)
 
 
 if __name__ == "__main__":

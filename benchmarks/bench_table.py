@@ -15,7 +15,6 @@ images and head size; a run of 100 epochs = its first epoch + 99 later ones), an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -288,9 +287,7 @@ def main() -> None:
         write_random_npz(a.ckpt, common.ARCHS[a.arch], img_size=a.img_size, seed=0)
         m = measure(a, a.qs)
     out = {"args": vars(a), "measured": m, **report(a, m)}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_json(a.json, out)
 
 
 if __name__ == "__main__":

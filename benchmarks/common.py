@@ -7,6 +7,7 @@ import argparse
 import ctypes
 import gc
 import itertools
+import json
 import multiprocessing as mp
 import os
 import time
@@ -237,3 +238,10 @@ def isolated_step(a: argparse.Namespace, method: str) -> dict:
         return train_step(a, method)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(train_step, a, method).result()
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """Write a benchmark's figures to `path` (its --json), if given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)

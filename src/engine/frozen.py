@@ -19,6 +19,7 @@ from src.data.preprocess import preprocess
 from src.engine.members import dropout_mask
 from src.errors import VQTError
 from src.models.vit import KV, VisionTransformer
+from src.utils.layout import pid_alive
 from src.utils.logging import get_logger
 
 _CACHE_FILE = re.compile(r"vqt_cache_([A-Za-z0-9-]+)_(\d+)_[a-z0-9_]+\.bin")  # vqt_cache_<host>_<pid>_<random>.bin
@@ -33,23 +34,13 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        pass
-    return True
-
-
 def remove_stale_caches(folder: str) -> list[str]:
     """Delete the cache files in `folder` that this host's dead processes left (SIGKILL); returns
     their paths. Files of other hosts, of live processes, or not named by us are kept."""
     removed = []
     for name in os.listdir(folder):
         m = _CACHE_FILE.fullmatch(name)
-        if m and m.group(1) == _host() and not _pid_alive(int(m.group(2))):
+        if m and m.group(1) == _host() and not pid_alive(int(m.group(2))):
             path = os.path.join(folder, name)
             try:
                 os.remove(path)
