@@ -246,20 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.timm:
         from src.models.timm_backbone import download_timm_weights
+
+        jobs = {name: lambda name=name: f"{name}: {download_timm_weights(name)}" for name in args.timm}
+    else:
+        jobs = {feature: lambda feature=feature: fetch(feature, args.dest, args.mirror, args.force,
+                                                       stall_timeout=args.stall_timeout) for feature in args.features}
     failed = 0
-    for name in args.timm:
+    for name, job in jobs.items():
         try:
-            print(f"[ok] {name}: {download_timm_weights(name)}", flush=True)
+            print(f"[ok] {job()}", flush=True)
         except VQTError as err:
             failed += 1
             print(f"error: {name}: {err}", file=sys.stderr, flush=True)
-    for feature in [] if args.timm else args.features:
-        try:
-            done = fetch(feature, args.dest, args.mirror, args.force, stall_timeout=args.stall_timeout)
-            print(f"[ok] {done}", flush=True)
-        except VQTError as err:
-            failed += 1
-            print(f"error: {feature}: {err}", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 

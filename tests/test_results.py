@@ -45,30 +45,37 @@ def _finals(out, lr="0.05", wd="0.0") -> list[RunDir]:
     return [layout.run("final", float(lr), float(wd), k) for k in range(1, 6)]
 
 
+GIVEN = ("--lr", "0.05", "--wd", "0.0")  # the finals' lr and wd, no search
+
+
+def _train_finals(assets, out) -> tuple[list[RunDir], list[float]]:
+    """The 5 final runs trained at GIVEN, and their DONE times."""
+    assert train.main(_args(assets, out, *GIVEN)) == 0
+    runs = _finals(out)
+    return runs, [os.path.getmtime(r.file("DONE")) for r in runs]
+
+
 def _err(capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_changed_setting_is_not_silently_reused(assets, tmp_path, capsys):
     out = str(tmp_path / "exp")
-    given = ("--lr", "0.05", "--wd", "0.0")
-    assert train.main(_args(assets, out, *given)) == 0
-    runs = _finals(out)
-    stamps = [os.path.getmtime(r.file("DONE")) for r in runs]
-    assert train.main(_args(assets, out, *given, SOLVER__TOTAL_EPOCH=3)) == 2
+    runs, stamps = _train_finals(assets, out)
+    assert train.main(_args(assets, out, *GIVEN, SOLVER__TOTAL_EPOCH=3)) == 2
     err = _err(capsys)
     assert (err.startswith("error: 5 finished final runs") and "SOLVER.TOTAL_EPOCH 2 -> 3" in err
             and "--overwrite" in err)
     assert all(r.record["epochs"] == 2 for r in runs)
     # settings that do not change numbers stay out of the identity: reused
-    assert train.main(_args(assets, out, *given, ENGINE__EVAL_BATCH_SIZE=64, SOLVER__LOG_EVERY_N=7)) == 0
+    assert train.main(_args(assets, out, *GIVEN, ENGINE__EVAL_BATCH_SIZE=64, SOLVER__LOG_EVERY_N=7)) == 0
     assert [os.path.getmtime(r.file("DONE")) for r in runs] == stamps
     # another checkpoint file is another identity
     other = tmp_path / "other.npz"
     write_random_npz(str(other), VIT_DEMO, img_size=32, seed=5)
-    assert train.main(_args(assets, out, *given, weights=other)) == 2
+    assert train.main(_args(assets, out, *GIVEN, weights=other)) == 2
     assert "weights" in _err(capsys)
-    assert train.main(_args(assets, out, *given, "--overwrite", SOLVER__TOTAL_EPOCH=3)) == 0
+    assert train.main(_args(assets, out, *GIVEN, "--overwrite", SOLVER__TOTAL_EPOCH=3)) == 0
     assert all(r.record["epochs"] == 3 for r in runs)
 
 
@@ -93,14 +100,11 @@ def test_all_diverged_search_is_said_and_a_fixed_rerun_retrains(assets, tmp_path
 
 def test_unreadable_records_are_redone(assets, tmp_path):
     out = str(tmp_path / "exp")
-    given = ("--lr", "0.05", "--wd", "0.0")
-    assert train.main(_args(assets, out, *given)) == 0
-    runs = _finals(out)
-    stamps = [os.path.getmtime(r.file("DONE")) for r in runs]
+    runs, stamps = _train_finals(assets, out)
     Path(runs[1].file("DONE")).write_text("[]\n")                    # valid JSON, not a record
     Path(runs[2].results_file).write_bytes(Path(runs[2].results_file).read_bytes()[:100])  # truncated
     Path(runs[3].file("DONE")).write_text('{"status": "ok"')          # truncated JSON
-    assert train.main(_args(assets, out, *given)) == 0
+    assert train.main(_args(assets, out, *GIVEN)) == 0
     for k, r in enumerate(runs):
         assert r.record["status"] == "ok"
         assert (os.path.getmtime(r.file("DONE")) == stamps[k]) == (k in (0, 4))
@@ -134,11 +138,10 @@ def test_pick_is_recorded_and_the_collector_reports_it(assets, tmp_path, capsys)
 
 def test_finals_still_running_are_reported_as_running(assets, tmp_path, capsys):
     out = str(tmp_path / "exp")
-    given = ("--lr", "0.05", "--wd", "0.0")
-    assert train.main(_args(assets, out, *given)) == 0
+    assert train.main(_args(assets, out, *GIVEN)) == 0
     os.remove(_finals(out)[0].file("DONE"))
     with Layout(out, NAME, FEAT, 128).lock("final"):
-        assert train.main(_args(assets, out, *given, "--sparse-mode", "compress", MODEL__H2T__LRP_COEF=0.0001)) == 2
+        assert train.main(_args(assets, out, *GIVEN, "--sparse-mode", "compress", MODEL__H2T__LRP_COEF=0.0001)) == 2
     err = _err(capsys)
     assert "still running" in err and f"pid {os.getpid()}" in err
 
