@@ -10,18 +10,13 @@ memory on x, each method's mean test top-1 on y.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import os
 import re
-import tempfile
 import time
 
 import torch
 
-from benchmarks.common import ARCHS, GiB, isolated_step, write_json
-from src.models.checkpoints import write_random_npz
-from src.utils.cli import HelpFormatter
+from benchmarks.common import GiB, isolated_step, parser, random_checkpoint, write_json
 from src.utils.device import resolve_device
 
 METHODS = ("vqt", "linear", "prompt-shallow", "prompt-deep", "adapter", "adaptformer", "lora", "tinytl-bias",
@@ -68,18 +63,13 @@ def plot(figures: dict[str, dict], accuracy: dict[str, float], path: str, title:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", choices=list(ARCHS), default="b16", help="b16: ViT-B/16 shapes; tiny: ViT-Ti/16")
-    p.add_argument("--img-size", type=int, default=224)
+    p = parser(__doc__, "b16")
     p.add_argument("--mem-batch", type=int, default=16, help="images in the measured step")
     p.add_argument("--q", type=int, default=1, help="VQT's query tokens per layer (vqt and vqt+*)")
     p.add_argument("--prompts", type=int, default=10, help="prompt tokens per layer of the prompt types")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--device", default="auto")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--accuracy", help="results_methods.csv of collect_demo_exp_results.py --methods")
     p.add_argument("--png", default="methods_memory_accuracy.png", help="the picture (with --accuracy)")
-    p.add_argument("--json", help="also write every figure to this file")
     a = p.parse_args()
     device = resolve_device(a.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -88,9 +78,7 @@ def main() -> None:
     print(f"one training step per method: {title}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print(f"peak memory above the loaded backbone + images ({what}), time of forward + backward (MEASURED):")
     figures = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        a.ckpt = os.path.join(tmp, "vit.npz")
-        write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
+    with random_checkpoint(a):
         for name in a.methods:
             figures[name] = isolated_step(a, name)
             f, base = figures[name], figures.get("vqt")

@@ -13,14 +13,12 @@ VPT-deep (prompts inside the backbone, backprop through every layer) on the same
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
 import torch
 
 from benchmarks.common import (
-    ARCHS,
     N_TRAIN,
     N_VAL,
     RAW_SIZE,
@@ -32,6 +30,8 @@ from benchmarks.common import (
     make_cfg,
     measured_epochs,
     now,
+    parser,
+    random_checkpoint,
     search_runs,
     setup,
     since,
@@ -43,9 +43,7 @@ from benchmarks.common import (
 from src.engine.frozen import FrozenFeatures
 from src.engine.protocol import FINAL_SEEDS
 from src.engine.train import Engine
-from src.models.checkpoints import write_random_npz
 from src.models.vqt import QuerySpec
-from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
 
 
@@ -158,9 +156,7 @@ def memory_kind(a: argparse.Namespace, step: bool) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", choices=list(ARCHS), default="tiny", help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
-    p.add_argument("--img-size", type=int, default=224)
+    p = parser(__doc__, "tiny")
     p.add_argument("--epochs", type=measured_epochs, default=2,
                    help="measured epochs of every run (both paths; at least 2: the first carries one-off costs)")
     p.add_argument("--full-epochs", type=int, default=100, help="epochs of the extrapolated full protocol")
@@ -168,8 +164,6 @@ def main() -> None:
                    help="search configs: the paper's Adam grid has 20 (more cycle through it)")
     p.add_argument("--ref-configs", type=int, default=1, help="search configs measured on the reference path")
     p.add_argument("--q", type=int, default=1, help="query tokens per layer")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-size", type=int, default=500, help="measured test images")
     p.add_argument("--full-test-size", type=int, default=10000, help="test images of the extrapolated protocol")
@@ -178,16 +172,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=10, help="VPT-deep prompt tokens per layer")
     p.add_argument("--parts", nargs="+", choices=["protocol", "memory"], default=["protocol", "memory"],
                    help="protocol: speed and memory of both paths; memory: VQT vs VPT-deep training step")
-    p.add_argument("--json", help="also write every figure to this file")
     a = p.parse_args()
     device = resolve_device(a.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"vqt protocol benchmark: arch {a.arch} at {a.img_size} px, Q={a.q}, {a.classes} classes, "
           f"batch {a.batch_size}, {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     out = {"args": vars(a).copy(), "device": where, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    with tempfile.TemporaryDirectory() as tmp:
-        a.ckpt = os.path.join(tmp, "vit.npz")
-        write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
+    with random_checkpoint(a):
         for part in a.parts:
             out[part] = (report_protocol if part == "protocol" else report_memory)(a)
     write_json(a.json, out)

@@ -29,9 +29,7 @@ from src.engine.frozen import FrozenFeatures
 from src.engine.protocol import FINAL_SEEDS
 from src.engine.runs import Recipe, Run
 from src.engine.train import Engine
-from src.models.checkpoints import write_random_npz
 from src.models.vqt import QUERY_KEY, QuerySpec
-from src.utils.cli import HelpFormatter
 
 EPOCHS, CONFIGS, SEEDS = 100, 20, len(FINAL_SEEDS)
 N_ALL = common.N_TRAIN + common.N_VAL
@@ -262,29 +260,21 @@ def report(a: argparse.Namespace, m: dict) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", choices=list(common.ARCHS), default="tiny",
-                   help="tiny: ViT-Ti/16 shapes (dim 192, depth 12)")
-    p.add_argument("--img-size", type=int, default=224)
+    p = common.parser(__doc__, "tiny")
     p.add_argument("--epochs", type=common.measured_epochs, default=2,
                    help="measured epochs per phase (at least 2: the first carries one-off costs)")
     p.add_argument("--grid", type=int, default=4, help="search configs measured together on the fast path (of 20)")
     p.add_argument("--qs", type=int, nargs="+", default=sorted({t.q for t in TASKS.values()}), help="Q values measured")
-    p.add_argument("--classes", type=int, default=10, help="class count of the measured runs")
-    p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-size", type=int, default=256, help="measured test images per phase")
     p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--fast-only", action="store_true",
                    help="measure the fast path only (its cost per config-epoch against its FLOP bound; no whole table)")
-    p.add_argument("--json", help="also write every figure to this file")
     a = p.parse_args()
     print(f"vqt whole-table benchmark: arch {a.arch} at {a.img_size} px, Q in {a.qs}, batch {a.batch_size}, "
           f"cache {a.cache_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}")
-    with tempfile.TemporaryDirectory() as tmp:
-        a.ckpt = os.path.join(tmp, "vit.npz")
-        write_random_npz(a.ckpt, common.ARCHS[a.arch], img_size=a.img_size, seed=0)
+    with common.random_checkpoint(a):
         m = measure(a, a.qs)
     out = {"args": vars(a), "measured": m, **report(a, m)}
     common.write_json(a.json, out)

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import itertools
 import json
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -33,10 +35,11 @@ from src.engine.protocol import FINAL_SEEDS
 from src.engine.record import RunRecord
 from src.engine.runs import Recipe, Run, SplitStream, TaskData
 from src.engine.train import Engine, train_phase
-from src.models.checkpoints import load_backbone
+from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.petl import Method
 from src.models.vit import VisionTransformer
 from src.models.vqt import VQT, QuerySpec
+from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
 from src.utils.heap import follow_live_memory
 from src.utils.layout import Layout
@@ -245,3 +248,25 @@ def write_json(path: str | None, figures: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(figures, f, indent=1)
+
+
+def parser(doc: str, arch: str) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options they share: the backbone's shapes (`arch` by default),
+    the image size, the class count, the device and --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.add_argument("--arch", choices=list(ARCHS), default=arch, help="tiny: ViT-Ti/16 shapes (dim 192, depth 12); "
+                   "b16: ViT-B/16")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=10, help="class count of the measured runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write every figure to this file")
+    return p
+
+
+@contextlib.contextmanager
+def random_checkpoint(a: argparse.Namespace) -> Iterator[None]:
+    """`a.ckpt`: a random .npz of `a.arch` at `a.img_size` in a temporary folder, while the block runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        a.ckpt = os.path.join(tmp, "vit.npz")
+        write_random_npz(a.ckpt, ARCHS[a.arch], img_size=a.img_size, seed=0)
+        yield

@@ -30,8 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_cli(lambda: _run(args))
+    return run_cli(lambda: _run(parse_args(argv)))
 
 
 def _run(args: argparse.Namespace) -> None:

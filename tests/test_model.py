@@ -19,6 +19,7 @@ from src.errors import VQTError
 from src.models.checkpoints import build_backbone, load_backbone, write_random_npz
 from src.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 from tests.fakes import write_random_mae, write_random_moco
+from tests.peers import check_query_pass
 
 IMG = 32
 WRITERS = {"npz": write_random_npz, "mae": write_random_mae, "moco": write_random_moco}
@@ -93,21 +94,9 @@ def test_parity_with_timm(tmp_path, tiny_arch, fmt):
 def test_query_pass_matches_masked_attention_peer(tmp_path, tiny_arch, fmt):
     """Peer: queries prepended to the sequence, and nobody may attend to a query position."""
     ours, peer = _pair(tmp_path, tiny_arch, fmt)
-    q = 3
     x = _images()
-    tokens = torch.randn(2, tiny_arch.depth, q, tiny_arch.embed_dim, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        feat, kvs = ours.frozen_pass(x)
-        outs = [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(ours.blocks, kvs))]
-        h = peer.norm_pre(peer._pos_embed(peer.patch_embed(_normalized(x))))
-        mask = torch.zeros(q + h.shape[1], q + h.shape[1])
-        mask[:, :q] = float("-inf")
-        for layer, (blk, out) in enumerate(zip(peer.blocks, outs)):
-            y = blk(torch.cat([tokens[:, layer], h], dim=1), attn_mask=mask)
-            assert out.shape == (2, q, tiny_arch.embed_dim)
-            torch.testing.assert_close(out, y[:, :q], rtol=0, atol=1e-5)
-            h = y[:, q:]
-        # the original tokens, having run next to the queries, still give the query-free feature
+    feat, h = check_query_pass(ours, peer, x, _normalized(x))
+    with torch.no_grad():  # the original tokens, having run next to the queries, still give the query-free feature
         torch.testing.assert_close(feat, peer.forward_head(peer.norm(h), pre_logits=True), rtol=0, atol=1e-5)
 
 

@@ -17,6 +17,7 @@ from src.errors import VQTError
 from src.models.checkpoints import write_random_npz
 from src.models.timm_backbone import build_timm_backbone, check_timm_name, image_config
 from src.models.vqt import VQT, QuerySpec
+from tests.peers import check_query_pass
 
 SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 4}
 # family -> (timm name, image size, file format)
@@ -88,18 +89,8 @@ def test_frozen_pass_equals_timm_forward(family):
 def test_query_path_equals_timm_blocks_with_masked_queries(family):
     """Peer: queries prepended to each block's input, and no token may attend to a query position."""
     peer, ours, size = family
-    q, x = 3, _images(2, size)
-    tokens = torch.randn(2, ours.depth, q, ours.embed_dim, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        _, kvs = ours.frozen_pass(x)
-        outs = [blk.query(tokens[:, i], k, v) for i, (blk, (k, v)) in enumerate(zip(ours.blocks, kvs))]
-        h = peer.norm_pre(peer._pos_embed(peer.patch_embed(_normalized(x, peer))))
-        mask = torch.zeros(q + h.shape[1], q + h.shape[1])
-        mask[:, :q] = float("-inf")
-        for layer, (blk, out) in enumerate(zip(peer.blocks, outs)):
-            y = blk(torch.cat([tokens[:, layer], h], dim=1), attn_mask=mask)
-            torch.testing.assert_close(out, y[:, :q], rtol=0, atol=1e-5)
-            h = y[:, q:]
+    x = _images(2, size)
+    check_query_pass(ours, peer, x, _normalized(x, peer))
 
 
 def test_cached_equals_uncached(family):

@@ -301,12 +301,9 @@ def _checked(examples: Iterable[tuple[np.ndarray, int]], task: VTABTask,
 
 def load_split(cfg, split: str) -> ImageSet:
     """A whole VTAB-1k split (train800 | val200 | train800val200 | test) in memory as uint8."""
-    _, examples = _source(cfg, split)
-    images, labels = [], []
-    for image, label in examples:
-        images.append(image)
-        labels.append(label)
-    return ImageSet(images, np.asarray(labels, dtype=np.int64))
+    n, examples = _source(cfg, split)
+    images, labels = next(_batches(examples, max(n, 1)), ([], np.zeros(0, dtype=np.int64)))
+    return ImageSet(images, labels)
 
 
 def stream_split(cfg, split: str, batch_size: int) -> tuple[int, Iterator[Batch]]:
