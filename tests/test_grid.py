@@ -101,12 +101,10 @@ def _starts(arch, n):
 
 def test_grid_equals_reference_compress(tmp_path, tiny_arch, tiny_backbone, colour_images):
     """Frozen query tokens from a checkpoint, head with the group lasso on its columns."""
-    arch = tiny_arch
-    cfg = _cfg()
-    spec = QuerySpec(2, 4, dropout=0.1)
+    cfg, starts = _cfg(), _starts(tiny_arch, len(RUNS))
     recipe = Recipe.from_cfg(cfg, lrp_coef=0.05, freeze_queries=True)
-    starts = _starts(arch, len(RUNS))
-    grid, alone = _both(tmp_path, tiny_backbone, spec, recipe, cfg, images=colour_images, start=starts)
+    grid, alone = _both(tmp_path, tiny_backbone, QuerySpec(2, 4, dropout=0.1), recipe, cfg, images=colour_images,
+                        start=starts)
     _assert_equal(grid, alone)
     for g, s in zip(grid, starts):
         assert torch.equal(g[QUERY_KEY], s[QUERY_KEY])
