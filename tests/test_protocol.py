@@ -196,9 +196,11 @@ def _leaves(node, prefix=""):
 
 
 # Keys whose only job is to reject what is not implemented: a value that must stop the run.
-REJECTING = {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.TYPE": "h2t-ssl-vit", "MODEL.MLP_NUM": "1",
-             "SOLVER.LOSS": "sigmoid",
-             "SOLVER.PATIENCE": "2", "DATA.MULTILABEL": "True", "DATA.CLASS_WEIGHTS_TYPE": "inv"}
+REJECTING = {"MODEL.TYPE": "h2t-ssl-vit", "MODEL.MLP_NUM": "1", "SOLVER.LOSS": "sigmoid",
+             "SOLVER.PATIENCE": "2", "DATA.MULTILABEL": "True", "DATA.CLASS_WEIGHTS_TYPE": "inv",
+             "MODEL.PROMPT.LOCATION": "below", "MODEL.PROMPT.INITIATION": "cls-nolastl",
+             "MODEL.PROMPT.NUM_DEEP_LAYERS": "3", "MODEL.PROMPT.DEEP_SHARED": "True",
+             "MODEL.PROMPT.VIT_POOL_TYPE": "imgprompt_pool", "MODEL.ADAPTER.STYLE": "Houlsby"}
 
 
 def test_every_config_key_is_read_or_rejects(assets, tmp_path, monkeypatch, capsys):
