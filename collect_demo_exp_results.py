@@ -58,7 +58,7 @@ USAGE = ("trainable_params", "trainable_params_without_head", "seconds_per_epoch
 
 
 @dataclass
-class Run:
+class SeedResult:
     """One seed's run folder: status is one of STATUS's values."""
 
     k: int
@@ -77,7 +77,7 @@ class Cell:
     task: VTABTask
     task_dir: Path
     hyparam: str | None = None
-    runs: list[Run] = field(default_factory=list)
+    runs: list[SeedResult] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -113,20 +113,20 @@ STATUS = {RunState.DONE: "ok", RunState.EXTERNAL: "external", RunState.MISSING: 
           RunState.BROKEN: "unreadable", RunState.STALE: "stale", RunState.FOREIGN: "foreign"}
 
 
-def read_run(run_dir: Path, k: int, name: str, lock: TaskLock | None = None) -> Run:
+def read_run(run_dir: Path, k: int, name: str, lock: TaskLock | None = None) -> SeedResult:
     """Status (`RunDir.status`, the protocol's own reading) and, for a run that counts, the test top-1 (%) of
     the last epoch. A folder the original code wrote (results but no DONE, no marker of ours) is "external"."""
     run = RunDir(str(run_dir))
     state = run.status(lock=lock)
     if STATUS[state] not in COUNTED:
-        return Run(k, STATUS[state], detail=_detail(run, state))
+        return SeedResult(k, STATUS[state], detail=_detail(run, state))
     try:
         top1, epochs = run.top1(f"test_{name}"), run.epochs
     except Exception as err:  # noqa: BLE001 - any broken file is reported, not fatal
         why = f"{Path(run.results_file).name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
-        return Run(k, "unreadable", detail=why)
+        return SeedResult(k, "unreadable", detail=why)
     usage = {key: value for key, value in (run.record or {}).items() if key in USAGE}
-    return Run(k, STATUS[state], top1 * 100, epochs, _detail(run, state), usage)
+    return SeedResult(k, STATUS[state], top1 * 100, epochs, _detail(run, state), usage)
 
 
 def _detail(run: RunDir, state: RunState) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,19 @@ def test_collector_prints_a_method_by_task_table(assets, tmp_path, capsys):
 
 def _digest() -> str:
     return hashlib.sha1(NAME.encode()).hexdigest()[:6]
+
+
+def test_an_interrupted_baseline_run_is_redone_alone_and_equals_the_uninterrupted_one(assets, tmp_path, capsys):
+    out = str(tmp_path / "exp")
+    method = {"MODEL.TRANSFER_TYPE": "prompt", "MODEL.PROMPT.NUM_TOKENS": 2, "SOLVER.TOTAL_EPOCH": 1,
+              "SOLVER.WARMUP_EPOCH": 0}
+    args = _args(assets, out, method, "--lr", "0.01", "--wd", "0.0")
+    assert train.main(args) == 0
+    runs = [RunDir(os.path.join(Layout(out, NAME, "demo_vit_tiny", 128).task_dir("final"), d))
+            for d in _done(out, "final")]
+    clean = Path(runs[1].results_file).read_bytes(), Path(runs[1].checkpoint_file).read_bytes()
+    os.remove(runs[1].file("DONE"))  # as a kill before DONE leaves it
+    capsys.readouterr()
+    assert train.main(args) == 0
+    assert "final: 1 runs to train on the reference loop, 4 finished with the same settings" in capsys.readouterr().out
+    assert (Path(runs[1].results_file).read_bytes(), Path(runs[1].checkpoint_file).read_bytes()) == clean
