@@ -254,9 +254,10 @@ def _results(root: Path) -> dict[str, bytes]:
 
 
 def _table(root: Path, out: Path) -> bytes:
+    settings = [f"{SETTING}_final", f"{SETTING}_sparsefinal"]
     assert collect.main(["--root", str(root), "--out", str(out), "--feature", FEAT, "--tasks", NAME, "--settings",
-                         f"{SETTING}_final", f"{SETTING}_sparsefinal"]) == 0
-    return (out / "results.csv").read_bytes()
+                         *settings]) == 0
+    return (out / f"{collect.output_stem(settings, [NAME], FEAT, collect.DEFAULT_RUNS)}.csv").read_bytes()
 
 
 def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(assets, trained, tmp_path, capsys):
@@ -392,7 +393,8 @@ def test_a_rerun_removes_what_killed_processes_left(assets, trained, tmp_path):
     (aside / "logs.txt").write_text("half deleted")
     assert train.main(_args(assets, out, "--dont_search")) == 0
     assert not tmp.exists() and not scratch.exists() and not aside.exists()
-    assert tempfile.gettempdir() == os.path.join(layout.cache_dir(), f"tmp{os.getpid()}")  # found by the next run
+    own = os.path.join(layout.cache_dir(), f"tmp{os.getpid()}")  # this run's, removed when it ended
+    assert not os.path.exists(own) and tempfile.gettempdir() != own
 
 
 def test_the_search_lock_read_only_collection_and_all_diverged_finals(assets, trained, tmp_path, capsys):

@@ -75,6 +75,7 @@ def test_one_ctrl_c_stops_the_whole_sweep(tmp_path):
     ready = tmp_path / "ready"
     stub = tmp_path / "python"
     stub.write_text(f"""#!/usr/bin/env bash
+[ "$1" = -m ] && exec {sys.executable} "$@"
 printf '%s\\n' "$*" >> "$STUB_CALLS"
 case "$*" in
     *"DATA.NAME vtab-dtd "*) exec {sys.executable} -c "import sys, time; from src.errors import run_cli; \\
