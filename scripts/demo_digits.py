@@ -3,7 +3,8 @@ classes) written as an image folder and trained through DATA.SOURCE folder on th
 the whole protocol (search on val, 5 final seeds on train+val, test at the end): VQT next to a linear
 probe, VPT-deep and AdaptFormer on the same backbone. Prints one line with their test accuracies. The two
 baselines that train inside the backbone run on the reference loop, so to keep the demo short they train at one
-lr / wd of their grids (VPT-deep 0.25 / 1e-4, AdaptFormer 0.001 / 1e-4) instead of searching.
+lr / wd of their grids (VPT-deep 0.25 / 1e-4, AdaptFormer 0.001 / 1e-4) for `--baseline-epochs` instead of
+searching.
 
     python scripts/demo_digits.py --dest demo_assets --exp-root h2t_vit_experiments_demo
 """
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=2, help="VQT query tokens per layer")
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (1 warm-up)")
     p.add_argument("--prompts", type=int, default=5, help="VPT-deep prompt tokens per layer")
+    p.add_argument("--baseline-epochs", type=int, default=6, help="epochs per run of VPT-deep and AdaptFormer")
     args = p.parse_args(argv)
     return run_cli(lambda: _run(args))
 
@@ -83,9 +85,11 @@ def _run(args: argparse.Namespace) -> None:
         ("linear probe", setting_name(0, "adam", "linear"), ["MODEL.TRANSFER_TYPE", "linear"]),
         (f"VPT-deep ({args.prompts} prompts)", setting_name(0, "adam", f"prompt-deep{args.prompts}"),
          ["MODEL.TRANSFER_TYPE", "prompt", "MODEL.PROMPT.DEEP", "True", "MODEL.PROMPT.NUM_TOKENS", str(args.prompts),
-          "MODEL.PROMPT.DROPOUT", "0.1", "SOLVER.BASE_LR", "0.25", "SOLVER.WEIGHT_DECAY", "0.0001"]),
+          "MODEL.PROMPT.DROPOUT", "0.1", "SOLVER.BASE_LR", "0.25", "SOLVER.WEIGHT_DECAY", "0.0001",
+          "SOLVER.TOTAL_EPOCH", str(args.baseline_epochs)]),
         ("AdaptFormer", setting_name(0, "adam", "adaptformer"),
-         ["MODEL.TRANSFER_TYPE", "adaptformer", "SOLVER.BASE_LR", "0.001", "SOLVER.WEIGHT_DECAY", "0.0001"]),
+         ["MODEL.TRANSFER_TYPE", "adaptformer", "SOLVER.BASE_LR", "0.001", "SOLVER.WEIGHT_DECAY", "0.0001",
+          "SOLVER.TOTAL_EPOCH", str(args.baseline_epochs)]),
     ]
     line = []
     for label, setting, method in methods:
@@ -101,7 +105,8 @@ def _run(args: argparse.Namespace) -> None:
         accs = test_accuracies(out)
         line.append(f"{label} {statistics.mean(accs):.1f} ± {statistics.pstdev(accs):.1f}")
     print("digits (scikit-learn's real 8x8 scans, 10 classes, DATA.SOURCE folder, demo ViT): test top-1 "
-          + " | ".join(line) + " (5 seeds each; chance 10.0; VPT-deep and AdaptFormer at one lr / wd, not searched)")
+          + " | ".join(line) + f" (5 seeds each; chance 10.0; VPT-deep and AdaptFormer: {args.baseline_epochs} "
+          "epochs at one lr / wd, not searched)")
 
 
 if __name__ == "__main__":
