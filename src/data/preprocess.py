@@ -23,16 +23,17 @@ def _legacy_coords(n_in: int, n_out: int, device: torch.device) -> tuple[torch.T
 
 
 def legacy_resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of float (B, H, W, C) to (B, size, size, C), align_corners=False, half_pixel_centers=False."""
+    """Bilinear resize of float (B, H, W, C) to (B, size, size, C), align_corners=False, half_pixel_centers=False.
+
+    TF's arithmetic (lerp along x, then along y), with the x-lerp done once per source row and its rows
+    gathered after: the same values as gathering the rows first, at a fraction of the memory traffic."""
     _, h, w, _ = images.shape
     y0, y1, ly = _legacy_coords(h, size, images.device)
     x0, x1, lx = _legacy_coords(w, size, images.device)
-    lx = lx.view(1, 1, -1, 1)
-    ly = ly.view(1, -1, 1, 1)
-    rows_top, rows_bottom = images[:, y0], images[:, y1]
-    top = rows_top[:, :, x0] + (rows_top[:, :, x1] - rows_top[:, :, x0]) * lx
-    bottom = rows_bottom[:, :, x0] + (rows_bottom[:, :, x1] - rows_bottom[:, :, x0]) * lx
-    return top + (bottom - top) * ly
+    left, right = images.index_select(2, x0), images.index_select(2, x1)
+    rows = left + (right - left) * lx.view(1, 1, -1, 1)
+    top, bottom = rows.index_select(1, y0), rows.index_select(1, y1)
+    return top + (bottom - top) * ly.view(1, -1, 1, 1)
 
 
 def preprocess(images: list[np.ndarray] | np.ndarray, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
