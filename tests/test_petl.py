@@ -3,6 +3,7 @@ forward passes against timm's own blocks, and VQT on an adapted backbone against
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -122,6 +123,23 @@ def test_vpt_prompt_projection_and_dropout():
     assert not torch.equal(model.train()(x), model.eval()(x))
 
 
+@pytest.mark.parametrize(("project", "width"), [(-1, ARCH.embed_dim), (6, 6)])
+def test_vpt_prompt_init_is_uniform_over_the_patch_and_prompt_width(project, width):
+    """reference-spec §13.4: prompts ~ U(-v, v), v = sqrt(6 / (3 P^2 + p)) with p the prompt width (the projection's
+    input); the projection Kaiming-normal (fan_out), its bias torch's default U(-1/sqrt(p), 1/sqrt(p))."""
+    backbone, _ = _pair()
+    model = _model(backbone, "prompt", prompt_tokens=40, prompt_deep=True, prompt_project=project)
+    v = math.sqrt(6 / (3 * ARCH.patch_size ** 2 + width))
+    tokens = model.prompts.embeddings.abs()
+    assert tokens.max() <= v and tokens.max() > 0.95 * v and abs(tokens.mean().item() - v / 2) < 0.05 * v
+    assert abs(model.prompts.embeddings.mean().item()) < 0.1 * v
+    if project > -1:
+        w = model.prompts.proj.weight
+        assert abs(w.std().item() - math.sqrt(2 / ARCH.embed_dim)) < 0.1 * math.sqrt(2 / ARCH.embed_dim)
+        b = model.prompts.proj.bias.abs()
+        assert b.max() <= 1 / math.sqrt(width) and b.max() > 0.5 / math.sqrt(width)
+
+
 def test_adaptformer_adds_a_scaled_bottleneck_of_the_mlp_input():
     backbone, peer = _pair()
     model = _model(backbone, "adaptformer", adaptformer_scale=0.3)
@@ -176,6 +194,8 @@ def test_lora_updates_query_and_value_projections_only():
 
     x, normed = _images(backbone)
     torch.testing.assert_close(model.eval()(x), _timm_logits(peer, normed, model.head.last_layer, block=block))
+    h = torch.randn(2, 5, d)
+    torch.testing.assert_close(loras[0](h), F.linear(h, loras[0].weight, loras[0].bias))  # unmerged == merged
 
 
 @pytest.mark.parametrize("name", ["vqt+adaptformer", "vqt+lora"])

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from src.models.vqt import COMBINE_KEY, HEAD_B, HEAD_BIAS, HEAD_W, QUERY_KEY, VQT, QuerySpec, query_init_range
+from src.models.petl import token_init_bound
+from src.models.vqt import COMBINE_KEY, HEAD_B, HEAD_BIAS, HEAD_W, QUERY_KEY, VQT, QuerySpec
 
 
 def _images(n: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def test_reset_parameters_is_the_originals_init(tiny_backbone):
     model.reset_parameters(torch.Generator().manual_seed(0))
     named = model.named_trained()
     assert set(named) == {QUERY_KEY, COMBINE_KEY, HEAD_W, HEAD_B}
-    v = query_init_range(bb)
+    v = token_init_bound(bb.arch.patch_size, bb.embed_dim)
     assert v == math.sqrt(6 / (3 * 8 ** 2 + 32))
     assert named[QUERY_KEY].abs().max() <= v and named[QUERY_KEY].abs().max() > 0.8 * v
     assert torch.all(named[HEAD_B] == HEAD_BIAS) and torch.all(named[COMBINE_KEY] == 1)

@@ -257,13 +257,12 @@ def search_grid(task: Task, cfg: CfgNode, arch_feats: str = "", as_parent: bool 
     return runs
 
 
-def search(task: Task, cfg: CfgNode, arch_feats: str = "") -> tuple[float, float]:
-    """The lr x wd search on train800 / val200 (one run per grid point); returns the pick (`find_best_lrwd`)."""
+def search(task: Task, cfg: CfgNode, arch_feats: str = "") -> None:
+    """The lr x wd search on train800 / val200 (one run per grid point); `pick_lr_wd` picks among its runs."""
     runs = search_grid(task, cfg, arch_feats)
     with _phase(task, "search"):
         task.train("search", runs, Recipe.from_cfg(cfg, lrp_coef=cfg.MODEL.H2T.LRP_COEF), train="train800", test=False,
                    save_ckpt=False)
-        return find_best_lrwd(task.layout, runs)
 
 
 def pick_lr_wd(task: Task, cfg: CfgNode, phase: str, arch_feats: str = "") -> tuple[float, float]:

@@ -71,6 +71,22 @@ class Method:
 VQT_METHOD = Method()
 
 
+def token_init_bound(patch_size: int, width: int) -> float:
+    """v of VPT's U(-v, v) token init, for query tokens and prompts alike: sqrt(6 / (3 P^2 + width))."""
+    return math.sqrt(6.0 / (3 * patch_size ** 2 + width))
+
+
+def init_tokens_(tokens: torch.Tensor, patch_size: int, generator: torch.Generator) -> None:
+    """Fill tokens (..., width) from U(-v, v), v = `token_init_bound(patch_size, width)`, drawn from `generator`."""
+    v = token_init_bound(patch_size, tokens.shape[-1])
+    tokens.copy_(torch.rand(tokens.shape, generator=generator) * 2 * v - v)
+
+
+def init_fan_out_(weight: torch.Tensor, generator: torch.Generator) -> None:
+    """Kaiming-normal (fan_out) weight (out, in): N(0, 2 / out), drawn from `generator`."""
+    weight.copy_(torch.randn(weight.shape, generator=generator) * math.sqrt(2.0 / weight.shape[0]))
+
+
 class Prompts(nn.Module):
     """VPT's prompts: T vectors of width p (p = `project` if > -1, else D) entering after the prefix tokens,
     `deep`: fresh prompts replacing them before every later layer. Projected (Linear(p, D)) and dropped out."""
@@ -82,16 +98,17 @@ class Prompts(nn.Module):
         self.embeddings = nn.Parameter(torch.zeros(backbone.depth if deep else 1, tokens, width))
         self.proj = nn.Linear(width, dim) if project > -1 else nn.Identity()
         self.dropout = nn.Dropout(dropout)
-        self.bound = math.sqrt(6.0 / (3 * backbone.arch.patch_size ** 2 + width))
+        self.patch_size = backbone.arch.patch_size
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """U(-v, v), v = sqrt(6 / (3 P^2 + p)); the projection's weight Kaiming-normal (fan_out), bias zero."""
-        self.embeddings.copy_(torch.rand(self.embeddings.shape, generator=generator) * 2 * self.bound - self.bound)
+        """Tokens as `init_tokens_`; the projection's weight as `init_fan_out_`, its bias as torch's Linear default
+        U(-1/sqrt(p), 1/sqrt(p)) (as the original, which leaves it untouched)."""
+        init_tokens_(self.embeddings, self.patch_size, generator)
         if isinstance(self.proj, nn.Linear):
-            w = self.proj.weight
-            w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / w.shape[0]))
-            self.proj.bias.zero_()
+            init_fan_out_(self.proj.weight, generator)
+            bound = 1.0 / math.sqrt(self.proj.in_features)
+            self.proj.bias.copy_(torch.rand(self.proj.bias.shape, generator=generator) * 2 * bound - bound)
 
     def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Tokens entering block `layer` (B, N, D) -> with this layer's prompts at positions start..start+T."""
@@ -146,7 +163,8 @@ class ParallelAdapter(nn.Module):
 
 class LoRAQKV(nn.Module):
     """A qkv projection whose query and value rows get rank-r updates: W + (alpha / r) [B_q A_q; 0; B_v A_v].
-    `weight` is the merged matrix, so every user of `qkv.weight` sees the adapted projection."""
+    `weight` is that merged matrix, so every user of `qkv.weight` sees the adapted projection; `forward` applies it
+    unmerged, as LoRA trains: W x + (alpha / r) B (A x), never forming (or back-propagating into) a 3D x D matrix."""
 
     def __init__(self, qkv: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -176,7 +194,8 @@ class LoRAQKV(nn.Module):
         return self.base.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        dq, dv = (nn.functional.linear(nn.functional.linear(x, a), b) * self.scale for a, b in zip(self.a, self.b))
+        return self.base(x) + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
 
 
 def _trainable_names(backbone: VisionTransformer, base: str) -> list[str]:

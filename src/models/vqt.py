@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.petl import VQT_METHOD, Method, adapt, reset_adaptation
+from src.models.petl import VQT_METHOD, Method, adapt, init_fan_out_, init_tokens_, reset_adaptation
 from src.models.vit import VisionTransformer
 
 HEAD_BIAS = -math.log((1 - 0.01) / 0.01)  # the original's "special bias" (prior 0.01) for every class
@@ -106,10 +106,8 @@ class VQT(nn.Module):
         """The original's init, drawn from `generator`: query tokens ~ U(-v, v) with v = sqrt(6 / (3 P^2 + D)),
         head weight Kaiming-normal (fan_out: std sqrt(2 / C)), head bias -log 99, combine weights 1."""
         if self.query_tokens is not None:
-            v = query_init_range(self.backbone)
-            self.query_tokens.copy_(torch.rand(self.query_tokens.shape, generator=generator) * 2 * v - v)
-        w = self.head.last_layer.weight
-        w.copy_(torch.randn(w.shape, generator=generator) * math.sqrt(2.0 / w.shape[0]))
+            init_tokens_(self.query_tokens, self.backbone.arch.patch_size, generator)
+        init_fan_out_(self.head.last_layer.weight, generator)
         self.head.last_layer.bias.fill_(HEAD_BIAS)
         if self.combine is not None:
             self.combine.fill_(1.0)
@@ -179,7 +177,3 @@ def trained_checkpoint(named: dict[str, torch.Tensor], feat_ids: torch.Tensor | 
         out["feat_ids"] = feat_ids.cpu().clone()
     return out
 
-
-def query_init_range(backbone: VisionTransformer) -> float:
-    """v of the query tokens' U(-v, v) init: sqrt(6 / (3 P^2 + D))."""
-    return math.sqrt(6.0 / (3 * backbone.arch.patch_size ** 2 + backbone.embed_dim))
