@@ -76,10 +76,14 @@ def token_init_bound(patch_size: int, width: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size ** 2 + width))
 
 
+def init_uniform_(t: torch.Tensor, v: float, generator: torch.Generator) -> None:
+    """Fill `t` from U(-v, v), drawn from `generator`."""
+    t.copy_(torch.rand(t.shape, generator=generator) * 2 * v - v)
+
+
 def init_tokens_(tokens: torch.Tensor, patch_size: int, generator: torch.Generator) -> None:
-    """Fill tokens (..., width) from U(-v, v), v = `token_init_bound(patch_size, width)`, drawn from `generator`."""
-    v = token_init_bound(patch_size, tokens.shape[-1])
-    tokens.copy_(torch.rand(tokens.shape, generator=generator) * 2 * v - v)
+    """Fill tokens (..., width) from U(-v, v), v = `token_init_bound(patch_size, width)`."""
+    init_uniform_(tokens, token_init_bound(patch_size, tokens.shape[-1]), generator)
 
 
 def init_fan_out_(weight: torch.Tensor, generator: torch.Generator) -> None:
@@ -107,8 +111,7 @@ class Prompts(nn.Module):
         init_tokens_(self.embeddings, self.patch_size, generator)
         if isinstance(self.proj, nn.Linear):
             init_fan_out_(self.proj.weight, generator)
-            bound = 1.0 / math.sqrt(self.proj.in_features)
-            self.proj.bias.copy_(torch.rand(self.proj.bias.shape, generator=generator) * 2 * bound - bound)
+            init_uniform_(self.proj.bias, 1.0 / math.sqrt(self.proj.in_features), generator)
 
     def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Tokens entering block `layer` (B, N, D) -> with this layer's prompts at positions start..start+T."""
@@ -152,8 +155,7 @@ class ParallelAdapter(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
         """AdaptFormer's init: Down Kaiming-uniform (a = sqrt(5)), Up and both biases zero."""
-        bound = 1.0 / math.sqrt(self.down.in_features)
-        self.down.weight.copy_(torch.rand(self.down.weight.shape, generator=generator) * 2 * bound - bound)
+        init_uniform_(self.down.weight, 1.0 / math.sqrt(self.down.in_features), generator)
         for t in (self.down.bias, self.up.weight, self.up.bias):
             t.zero_()
 
@@ -176,8 +178,7 @@ class LoRAQKV(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
         """LoRA's init: A Kaiming-uniform (a = sqrt(5)), B zero (the update starts at 0)."""
-        bound = 1.0 / math.sqrt(self.a.shape[-1])
-        self.a.copy_(torch.rand(self.a.shape, generator=generator) * 2 * bound - bound)
+        init_uniform_(self.a, 1.0 / math.sqrt(self.a.shape[-1]), generator)
         self.b.zero_()
 
     @property
