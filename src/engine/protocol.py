@@ -126,9 +126,8 @@ class Task:
                     raise
                 get_logger().warning(
                     f"the frozen-path cache ({err.nbytes / 2**30:.2f} GiB) fits neither in memory nor in {err.folder} "
-                    f"({err.free / 2**30:.2f} GiB free): ENGINE.CACHE auto trains without it, "
-                    "the backbone running once "
-                    "per batch for all runs of a phase (same numbers, slower); free space there or set "
+                    f"({err.free / 2**30:.2f} GiB free): ENGINE.CACHE auto trains without it, the backbone running "
+                    "once per batch for all runs of a phase (same numbers, slower); free space there or set "
                     "ENGINE.CACHE_DTYPE bfloat16 to cache")
                 self._frozen = self._frozen_features(False)
         return self._frozen
@@ -177,7 +176,7 @@ class Task:
             r.dir.tidy()
             state = r.dir.status(r.identity["identity"])
             if state in (RunState.FOREIGN, RunState.EXTERNAL):
-                r.dir.clear()  # refuses, naming the folder
+                r.dir.check_clearable(state)
             if state is RunState.BROKEN:
                 logger.warning(f"{r.dir.damage()}, redoing the run: {r.dir.path}")
             elif state is RunState.PARTIAL:
@@ -196,9 +195,7 @@ class Task:
             raise VQTError(f"{len(stale)} finished {phase} runs (e.g. {r.dir.path}) were trained with other settings: "
                            f"{'; '.join(diffs)}. Use another OUTPUT_DIR, or --overwrite to retrain them")
         for r in todo:
-            if extra := r.dir.foreign_files():
-                raise VQTError(f"{r.dir.file(extra[0])} was not written by vqt and would be deleted with its run "
-                               "folder: move it elsewhere, then rerun")
+            r.dir.check_clearable()
         for r in todo:
             r.dir.clear()
         return todo

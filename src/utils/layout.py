@@ -92,10 +92,8 @@ def scratch(folder: str) -> Iterator[str]:
     """`folder`/tmp<pid> as this process's temporary folder while the block runs (tempfile and TMPDIR: TensorFlow's
     autograph and TFDS's temporary files land there), after removing those of dead processes. Removed after the
     block, and `folder` with it when that leaves it empty; a killed process's is removed by the next call."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if (m := _SCRATCH.match(name)) and not pid_alive(int(m.group(1))):
-                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    for dead in _left_by_dead(folder, _SCRATCH):
+        shutil.rmtree(dead, ignore_errors=True)
     path = os.path.join(folder, f"tmp{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -187,9 +185,8 @@ class Layout:
 
 def _write_failed(path: str, err: BaseException) -> VQTError:
     reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-    return VQTError(f"cannot write {path}: {reason}; check that {os.path.dirname(path) or '.'} "
-                    "is writable and its disk "
-                    "has space (or point OUTPUT_DIR elsewhere), then rerun: unfinished runs are redone")
+    return VQTError(f"cannot write {path}: {reason}; check that {os.path.dirname(path) or '.'} is writable and its "
+                    "disk has space (or point OUTPUT_DIR elsewhere), then rerun: unfinished runs are redone")
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -252,13 +249,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _left_by_dead(folder: str, pattern: re.Pattern) -> list[str]:
+    """Paths in `folder` whose name matches `pattern` with the pid (its group 1) of a process no longer alive
+    (none when `folder` cannot be listed)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return [os.path.join(folder, name) for name in names
+            if (m := pattern.match(name)) and not pid_alive(int(m.group(1)))]
+
+
 def remove_dead_temps(folder: str) -> None:
     """Remove `*.tmp<pid>` files that processes of ours, now dead, left in `folder` (killed mid-write)."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if (m := _TEMP.match(name)) and not pid_alive(int(m.group(1))):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, name))
+    for dead in _left_by_dead(folder, _TEMP):
+        with contextlib.suppress(OSError):
+            os.remove(dead)
 
 
 def file_check(path: str) -> dict:
@@ -392,19 +398,24 @@ class RunDir:
             shutil.rmtree(self.aside, ignore_errors=True)
         remove_dead_temps(self.path)
 
-    def clear(self) -> None:
-        """Delete the folder of a run of ours, crash-safe: renamed aside (a name only vqt gives), then deleted;
-        a kill leaves either our folder or nothing (`tidy` removes what is aside). A folder we did not create,
-        or one holding a file vqt does not write, is never touched: one line names it."""
-        state = self.status()
-        if state is RunState.MISSING:
-            return
-        if state in (RunState.FOREIGN, RunState.EXTERNAL):
+    def check_clearable(self, state: RunState | None = None) -> None:
+        """One line when `clear` must not delete this folder: one we did not create, or one holding a file vqt does
+        not write. `state`: the folder's `status()`, when known."""
+        if (state or self.status()) in (RunState.FOREIGN, RunState.EXTERNAL):
             raise VQTError(f"{self.path} exists and was not written by vqt (no {STARTED} marker): move it away "
                            "or use another OUTPUT_DIR; vqt never deletes results it did not write")
         if extra := self.foreign_files():
             raise VQTError(f"{self.file(extra[0])} was not written by vqt and would be deleted with its run folder: "
                            "move it elsewhere, then rerun")
+
+    def clear(self) -> None:
+        """Delete the folder of a run of ours, crash-safe: renamed aside (a name only vqt gives), then deleted;
+        a kill leaves either our folder or nothing (`tidy` removes what is aside). A folder `check_clearable`
+        refuses is never touched."""
+        state = self.status()
+        if state is RunState.MISSING:
+            return
+        self.check_clearable(state)
         self.tidy()
         try:
             os.replace(self.path, self.aside)
