@@ -162,7 +162,8 @@ class Task:
         if as_parent:
             recorded = (run.dir.record or {}).get("settings") or {}
             settings = settings | {k: recorded[k] for k in STAGE_KEYS if k in recorded}
-        run.identity = run_identity(settings, run.lr, run.wd, run.seed, run.parent)
+        parent = " ".join(p.fingerprint() for p in run.parents)
+        run.identity = run_identity(settings, run.lr, run.wd, run.seed, parent)
         return run.identity
 
     def plan(self, phase: str, runs: list[Run]) -> list[Run]:
@@ -303,9 +304,9 @@ def _report_test(runs: list[Run], name: str, phase: str) -> None:
                        "settings")
 
 
-def _start_run(task: Task, run: Run, what: str, fix: str, lock: TaskLock) -> str:
-    """The fingerprint of a finished run of the current setting that a sparsity stage starts from, or one line
-    saying why it cannot be (missing, running, interrupted, damaged, diverged, other settings, no checkpoint)."""
+def _check_start_run(task: Task, run: Run, what: str, fix: str, lock: TaskLock) -> None:
+    """That a sparsity stage can start from `run`, a finished run of the current setting; else one line saying why
+    it cannot (missing, running, interrupted, damaged, diverged, other settings, no checkpoint)."""
     d = run.dir
     state = d.status(task.identify(run, as_parent=True)["identity"], lock)
     if state is RunState.RUNNING:
@@ -321,7 +322,6 @@ def _start_run(task: Task, run: Run, what: str, fix: str, lock: TaskLock) -> str
     if not os.path.isfile(d.checkpoint_file):
         raise VQTError(f"{d.checkpoint_file} is missing (the {what} runs were trained with MODEL.SAVE_CKPT False): "
                        f"delete {os.path.dirname(d.path)} and train the {what} runs again with MODEL.SAVE_CKPT True")
-    return d.fingerprint()
 
 
 def sparse_stage(task: Task, cfg: CfgNode, mode: str, arch_feats: str = "") -> list[Run]:
@@ -336,15 +336,15 @@ def sparse_stage(task: Task, cfg: CfgNode, mode: str, arch_feats: str = "") -> l
     runs = []
     for k, seed in enumerate(FINAL_SEEDS):
         final = Run(layout.run("final", lr, wd, k + 1), lr, wd, seed)
-        fp = _start_run(task, final, "final", "run scripts/VQT/run_vqt_vtab.sh first", layout.lock("final"))
-        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed, parent=fp, parents=(final.dir,))
+        _check_start_run(task, final, "final", "run scripts/VQT/run_vqt_vtab.sh first", layout.lock("final"))
+        run = Run(layout.run("sparse", lr, wd, k + 1, stage), 0.5 * lr, wd, seed, parents=(final.dir,))
         trained = final.dir.load_checkpoint()["model"]
         run.start = {key: v for key, v in trained.items() if key not in (HEAD_W, HEAD_B)}
         if mode == "featselect":
             compress = Run(layout.run("sparse", lr, wd, k + 1, stage_name("compress", 1.0)), 0.5 * lr, wd, seed,
-                           parent=fp)
-            run.parent += " " + _start_run(task, compress, "compress", "run the compress stage first (--sparse-mode "
-                                           "compress)", layout.lock("sparse", "compress"))
+                           parents=(final.dir,))
+            _check_start_run(task, compress, "compress", "run the compress stage first (--sparse-mode compress)",
+                             layout.lock("sparse", "compress"))
             run.parents += (compress.dir,)
             run.feat_ids = torch.topk(compress.dir.load_checkpoint()["model"][HEAD_W].norm(dim=0), k=keep).indices
         runs.append(run)

@@ -28,8 +28,7 @@ class Run:
     seed: int
     start: dict | None = None             # trained tensors to start from, by original name (query tokens)
     feat_ids: torch.Tensor | None = None  # (F',) kept features (featselect)
-    parent: str = ""                      # identities of the runs it starts from
-    parents: tuple[RunDir, ...] = ()      # the runs it starts from (DONE records their fingerprints)
+    parents: tuple[RunDir, ...] = ()      # the runs it starts from (its identity and DONE name their fingerprints)
     identity: dict | None = None          # set when the phase starts (src.engine.identity)
 
 
