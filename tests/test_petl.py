@@ -156,6 +156,9 @@ def test_adaptformer_adds_a_scaled_bottleneck_of_the_mlp_input():
     x, normed = _images(backbone)
     model.eval()
     torch.testing.assert_close(model(x), _timm_logits(peer, normed, model.head.last_layer, block=block))
+    h = torch.randn(2, 5, ARCH.embed_dim)
+    for blk, ref in zip(model.backbone.blocks, peer.blocks):  # the plain forward carries the branch too
+        torch.testing.assert_close(blk(h), block(ref, h))
 
 
 def test_vpt_adapter_is_sequential_on_the_mlp_output():

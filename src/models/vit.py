@@ -59,9 +59,8 @@ class Block(nn.Module):
         self.adapter: nn.Module | None = None  # a parallel branch on the MLP's input (AdaptFormer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block on tokens (B, N, D), as timm's."""
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        """The block on tokens (B, N, D), as timm's (with the adapter branch, when a method set one)."""
+        return self._mlp(x + self.ls1(self.attn(self.norm1(x))))
 
     def forward_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block on the backbone's tokens, also returning the keys (after k_norm) and values they
@@ -72,7 +71,10 @@ class Block(nn.Module):
     def _out(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Residual attention output (heads (B, H, N, hd) merged, scale norm, proj, LayerScale) + MLP."""
         b, h, n, hd = o.shape
-        x = x + self.ls1(self.attn.proj(self.attn.norm(o.transpose(1, 2).reshape(b, n, h * hd))))
+        return self._mlp(x + self.ls1(self.attn.proj(self.attn.norm(o.transpose(1, 2).reshape(b, n, h * hd)))))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP with its residual, and beside it the adapter branch on the same input (AdaptFormer) when set."""
         out = x + self.ls2(self.mlp(self.norm2(x)))
         return out if self.adapter is None else out + self.adapter(x)
 
