@@ -6,6 +6,7 @@ from __future__ import annotations
 from src.errors import VQTError
 
 QUERY_METHODS = ("h2t-prompt", "vqt+prompt", "vqt+adaptformer", "vqt+lora")  # the types with VQT's query tokens
+FROZEN_PATH = ("h2t-prompt", "linear")  # the adaptations that leave the backbone's own path frozen (cacheable)
 TRANSFER_TYPES = ("h2t-prompt", "linear", "end2end", "partial-1", "tinytl-bias", "prompt", "adapter", "adaptformer",
                   "lora", "vqt+prompt", "vqt+adaptformer", "vqt+lora")
 
@@ -35,6 +36,12 @@ GRID_NAMES = tuple(dict.fromkeys(name for name, _, _ in GRIDS))
 DEFAULT_GRID = {"h2t-prompt": "h2t-prompt", "linear": "linear", "prompt": "prompt", "vqt+prompt": "prompt",
                 "end2end": "finetune", "partial-1": "finetune", "tinytl-bias": "finetune", "adapter": "finetune",
                 "adaptformer": "finetune", "lora": "finetune", "vqt+adaptformer": "finetune", "vqt+lora": "finetune"}
+
+
+def adaptation(transfer_type: str) -> str:
+    """What a transfer type does to the backbone: its name without `vqt+` (`h2t-prompt` and `linear` adapt
+    nothing)."""
+    return transfer_type.removeprefix("vqt+")
 
 
 def lr_wd_grid(optimizer: str, arch_feats: str = "", grid: str = "h2t-prompt") -> tuple[list[float], list[float]]:

@@ -9,7 +9,7 @@ from numbers import Real
 
 from yacs.config import CfgNode
 
-from src.configs.transfer import GRID_NAMES, QUERY_METHODS, TRANSFER_TYPES
+from src.configs.transfer import FROZEN_PATH, GRID_NAMES, QUERY_METHODS, TRANSFER_TYPES, adaptation
 from src.configs.vit_configs import DEFAULT_FEATURE, MODEL_ZOO, zoo_entry
 from src.data.tasks import get_task
 from src.errors import VQTError
@@ -154,14 +154,14 @@ def _method_problems(cfg: CfgNode, sparse_mode: str | None) -> list[str]:
     from src.configs.defaults import get_cfg  # defaults imports this module (type_problem)
 
     name, m, default = cfg.MODEL.TRANSFER_TYPE, cfg.MODEL, get_cfg().MODEL
-    base, queries = name.removeprefix("vqt+"), name in QUERY_METHODS
+    base, queries = adaptation(name), name in QUERY_METHODS
     out = [f"MODEL.{node}.{key} is set but MODEL.TRANSFER_TYPE {name} does not use it: drop it, or use a "
            f"TRANSFER_TYPE that does ({reader}{', vqt+' + reader if reader != 'adapter' else ''})"
            for node, reader in METHOD_NODES.items() if base != reader
            for key, value in m[node].items() if value != default[node][key]]
     out += [f"MODEL.H2T.{key} is set but MODEL.TRANSFER_TYPE {name} has no query tokens: drop it, or use "
             "h2t-prompt or a vqt+ type" for key in QUERY_KEYS if not queries and m.H2T[key] != default.H2T[key]]
-    if cfg.ENGINE.CACHE == "on" and base not in ("h2t-prompt", "linear"):
+    if cfg.ENGINE.CACHE == "on" and base not in FROZEN_PATH:
         out.append(f"ENGINE.CACHE on: MODEL.TRANSFER_TYPE {name} trains inside the backbone, whose path then cannot "
                    "be cached; use ENGINE.CACHE auto or off")
     if sparse_mode is not None and name != "h2t-prompt":

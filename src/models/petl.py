@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
-from src.configs.transfer import QUERY_METHODS
+from src.configs.transfer import FROZEN_PATH, QUERY_METHODS, adaptation
 from src.models.vit import VisionTransformer
 
 END2END_DROPOUT = 0.1  # the original's dropout on the embeddings and in the MLPs when the whole ViT trains
@@ -59,13 +59,13 @@ class Method:
 
     @property
     def base(self) -> str:
-        """The adaptation of the backbone: the name without `vqt+` (`h2t-prompt` and `linear` adapt nothing)."""
-        return self.name.removeprefix("vqt+")
+        """The adaptation of the backbone (`src.configs.transfer.adaptation`)."""
+        return adaptation(self.name)
 
     @property
     def frozen_path(self) -> bool:
         """Whether the backbone's own path stays frozen (then its outputs can be cached and runs stacked)."""
-        return self.base in ("h2t-prompt", "linear")
+        return self.base in FROZEN_PATH
 
 
 VQT_METHOD = Method()
