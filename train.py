@@ -11,6 +11,8 @@ import argparse
 import sys
 
 from src.configs.defaults import load_cfg
+from src.configs.transfer import GRID_NAMES
+from src.configs.validate import SPARSE_MODES
 from src.errors import VQTError, run_cli
 from src.utils.cli import HelpFormatter
 from src.utils.quiet import quiet_tensorflow
@@ -19,8 +21,8 @@ from src.utils.quiet import quiet_tensorflow
 def parse_args(argv: list[str] | None = None, doc: str = __doc__) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--config-file", default="", help="yaml config (e.g. configs/h2t-prompt/vtab.yaml)")
-    p.add_argument("--train-type", default=None, help="sets SOLVER.SEARCH_GRID, the lr x wd grid searched: h2t-prompt "
-                   "(VQT's), linear, linear_mae, prompt, prompt_largerlr or finetune (tune_vtab.py's); default: "
+    p.add_argument("--train-type", default=None, help="sets SOLVER.SEARCH_GRID, the lr x wd grid searched: one of "
+                   f"{', '.join(GRID_NAMES)} (h2t-prompt is VQT's, the others tune_vtab.py's); default: "
                    "MODEL.TRANSFER_TYPE's")
     p.add_argument("--optimizer", default=None, help="sets SOLVER.OPTIMIZER (adam or sgd; default: the config's)")
     p.add_argument("--dont_search", "--dont-search", action="store_true", help="skip the lr x wd search")
@@ -32,7 +34,7 @@ def parse_args(argv: list[str] | None = None, doc: str = __doc__) -> argparse.Na
     p.add_argument("--overwrite", action="store_true",
                    help="retrain finished runs whose settings changed (default: stop and name the changed settings)")
     p.add_argument("--sparse-mode", "--h2t_sparse_mode", dest="sparse_mode", default=None,
-                   choices=["compress", "featselect"], help="run one classifier-compression stage")
+                   choices=SPARSE_MODES, help="run one classifier-compression stage")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p.parse_args(argv)
 

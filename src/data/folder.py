@@ -10,8 +10,7 @@ the backbone's size with its resampling filter (DATA.CROPSIZE and DATA.INTERPOLA
 Bad input stops with one line: a missing train or test folder, an empty class folder, class folders
 that differ between splits. Files Pillow does not recognise as images (README.txt, .DS_Store, ...)
 are skipped, and the log gives their count and an example; hidden folders are not entered; a recognised
-image that then fails to
-decode stops the run with its file name.
+image that then fails to decode stops the run with its file name.
 """
 from __future__ import annotations
 
