@@ -10,8 +10,7 @@ since) and foreign runs are listed at the end. Runs are read through `RunDir.sta
 them; nothing is written under the root but --out. It also writes results.csv, results.md and results.png
 to --out (default ROOT/results; a selection other than the default table gets its own file names,
 results_<selection>.*, so no table is overwritten by another's). The exit status is 0 even when runs are
-missing (this is a report); 2 on bad
-input, 1 when the result files cannot be written.
+missing (this is a report); 2 on bad input, 1 when the result files cannot be written.
 """
 from __future__ import annotations
 
@@ -107,10 +106,10 @@ def run_subdir(setting: str, task: VTABTask) -> str | None:
     return ""
 
 
-# RunDir states -> the collector's statuses (ok and external count).
-STATUS = {RunState.DONE: "ok", RunState.EXTERNAL: "external", RunState.MISSING: "missing",
-          RunState.PARTIAL: "incomplete", RunState.RUNNING: "running", RunState.DIVERGED: "diverged",
-          RunState.BROKEN: "unreadable", RunState.STALE: "stale", RunState.FOREIGN: "foreign"}
+# RunDir states -> the collector's statuses (ok and external count), the others in the problem list's order.
+STATUS = {RunState.MISSING: "missing", RunState.RUNNING: "running", RunState.PARTIAL: "incomplete",
+          RunState.DIVERGED: "diverged", RunState.BROKEN: "unreadable", RunState.STALE: "stale",
+          RunState.FOREIGN: "foreign", RunState.EXTERNAL: "external", RunState.DONE: "ok"}
 
 
 def read_run(run_dir: Path, k: int, name: str, lock: TaskLock | None = None) -> SeedResult:
@@ -205,7 +204,7 @@ def collect(root: Path, feature: str, settings: list[str], tasks: list[VTABTask]
                 problems.append(f"missing     {t.name}: no complete runs under any of {settings}")
     for (setting, name), cell in cells.items():
         where = f"{setting} / {name} / {cell.hyparam or '(no lr/wd folder)'}"
-        for status in ("missing", "running", "incomplete", "diverged", "unreadable", "stale", "foreign", "external"):
+        for status in (s for s in STATUS.values() if s != "ok"):
             bad = [r for r in cell.runs if r.status == status]
             if bad:
                 runs = ", ".join(f"run{r.k}" + (f" ({r.detail})" if r.detail else "") for r in bad)
