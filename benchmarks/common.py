@@ -38,7 +38,7 @@ from src.engine.train import Engine, train_phase
 from src.models.checkpoints import load_backbone, write_random_npz
 from src.models.petl import Method
 from src.models.vit import VisionTransformer
-from src.models.vqt import VQT, QuerySpec
+from src.models.vqt import HEAD_B, HEAD_W, VQT, QuerySpec
 from src.utils.cli import HelpFormatter
 from src.utils.device import resolve_device
 from src.utils.heap import follow_live_memory
@@ -211,13 +211,13 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
         frozen = FrozenFeatures(backbone, images, a.img_size, device, cache=False)
         model = Members(backbone, QuerySpec(a.q, a.classes, dropout=0.1), [0]).to(device)
         model.reset(device)
-        params = backbone.depth * a.q * backbone.embed_dim
+        named = model.named_trained(0)
     else:
         m = step_method(method, a)
         spec = QuerySpec(a.q, a.classes, dropout=0.1) if m.queries else QuerySpec(0, a.classes, normalize=False)
         model = VQT(backbone, spec, method=m).to(device)
         model.reset_parameters(torch.Generator().manual_seed(0))
-        params = sum(t.numel() for n, t in model.named_trained().items() if not n.startswith("head."))
+        named = model.named_trained()
         x = preprocess([images.images[i] for i in idx.tolist()], a.img_size, device)
         y = torch.as_tensor(images.labels[idx.numpy()], device=device)
     if device.type == "cpu":
@@ -231,6 +231,7 @@ def train_step(a: argparse.Namespace, method: str) -> dict:
             logits = model.train()(x)
         F.cross_entropy(logits, y).backward()
         seconds = since(start)
+    params = sum(t.numel() for n, t in named.items() if n not in (HEAD_W, HEAD_B))
     return {"peak_bytes": mem.growth, "step_s": seconds, "params": params}
 
 

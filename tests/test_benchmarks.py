@@ -71,6 +71,7 @@ def test_bench_methods_runs_and_draws_memory_against_accuracy(tmp_path):
     figures = json.loads(out.read_text())["methods"]
     assert list(figures) == methods and set(methods) < set(METHODS) and png.stat().st_size > 0
     assert figures["linear"]["params"] == 0 and figures["end2end"]["params"] > figures["lora"]["params"] > 0
+    assert figures["vqt"]["params"] == 12 * 1 * 192  # ViT-Ti's L x Q x D query tokens
     assert read_accuracy(str(csv_path)) == {"vqt": 70.0, "prompt-deep": 60.0, "vqt+lora": 72.0}
 
 
