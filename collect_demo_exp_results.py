@@ -397,21 +397,31 @@ def write_methods(rows: list[MethodRow], tasks: list[VTABTask], stem: Path, feat
 
 
 def _plot_methods(rows: list[MethodRow], tasks: list[VTABTask], path: Path, feature: str) -> None:
+    points = {}
+    for r in rows:
+        means = [c.mean for c in r.cells.values() if c and c.values]
+        if "peak_memory_bytes" in r.usage and means:
+            points[r.setting.rsplit("_", 2)[0]] = (r.usage["peak_memory_bytes"] / 2 ** 30, float(np.mean(means)))
+    plot_memory_accuracy(points, path, f"Memory and accuracy per method ({feature})", "peak training memory (GiB)",
+                         f"mean test top-1 (%) over {len(tasks)} task(s)")
+
+
+def plot_memory_accuracy(points: dict[str, tuple[float, float]], path: Path | str, title: str, xlabel: str,
+                         ylabel: str, colors: dict[str, str] | None = None) -> None:
+    """The paper's memory-accuracy picture: one labelled point (memory GiB, accuracy %) per method; `colors` by
+    label (default: matplotlib's cycle)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
-        means = [c.mean for c in r.cells.values() if c and c.values]
-        if "peak_memory_bytes" in r.usage and means:
-            x, y = r.usage["peak_memory_bytes"] / 2 ** 30, float(np.mean(means))
-            ax.scatter([x], [y])
-            ax.annotate(r.setting.rsplit("_", 2)[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("peak training memory (GiB)")
-    ax.set_ylabel(f"mean test top-1 (%) over {len(tasks)} task(s)")
-    ax.set_title(f"Memory and accuracy per method ({feature})", fontsize=11)
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], color=(colors or {}).get(label))
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

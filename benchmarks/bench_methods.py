@@ -17,6 +17,7 @@ import time
 import torch
 
 from benchmarks.common import GiB, isolated_step, parser, random_checkpoint, write_json
+from collect_demo_exp_results import plot_memory_accuracy
 from src.utils.device import resolve_device
 
 METHODS = ("vqt", "linear", "prompt-shallow", "prompt-deep", "adapter", "adaptformer", "lora", "tinytl-bias",
@@ -40,26 +41,6 @@ def read_accuracy(path: str) -> dict[str, float]:
         if row[col]:
             out.setdefault(method_of_setting(row[0]), float(row[col]))
     return out
-
-
-def plot(figures: dict[str, dict], accuracy: dict[str, float], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, f in figures.items():
-        if name in accuracy:
-            x, y = f["peak_bytes"] / GiB, accuracy[name]
-            ax.scatter([x], [y], color="tab:red" if name.startswith("vqt") else "tab:blue")
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("peak training memory of one step (GiB)")
-    ax.set_ylabel("mean test top-1 (%)")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -86,7 +67,10 @@ def main() -> None:
             print(f"  {name:<16} {f['params'] / 1e6:9.3f} M trained (no head)  {f['peak_bytes'] / GiB:7.2f} GiB  "
                   f"{f['step_s']:7.2f} s{ratio}", flush=True)
     if a.accuracy:
-        plot(figures, read_accuracy(a.accuracy), a.png, title)
+        accuracy = read_accuracy(a.accuracy)
+        points = {name: (f["peak_bytes"] / GiB, accuracy[name]) for name, f in figures.items() if name in accuracy}
+        plot_memory_accuracy(points, a.png, title, "peak training memory of one step (GiB)", "mean test top-1 (%)",
+                             {name: "tab:red" if name.startswith("vqt") else "tab:blue" for name in points})
         print(f"wrote {a.png}")
     write_json(a.json, {"args": vars(a), "device": where, "methods": figures})
 
